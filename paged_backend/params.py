@@ -1,0 +1,77 @@
+"""What goes into a request: sampling parameters, validated, with vLLM's defaults and meanings."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class SamplingParams(BaseModel):
+    """How to sample one request's completions.
+
+    temperature 0 means greedy. top_k -1 (or 0) and top_p 1 and min_p 0 disable those filters.
+    Penalties follow vLLM: repetition_penalty (1 = off) divides positive / multiplies negative logits
+    of every token seen in prompt or output; presence/frequency penalties subtract from the logits
+    of tokens in the output so far.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    n: int = Field(1, ge=1, description="number of completions for the prompt")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1 or 0: all tokens")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    max_tokens: Optional[int] = Field(16, ge=1, description="None: up to max_model_len")
+    min_tokens: int = Field(0, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="top-k logprobs per generated token")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("stop must not be an empty string")
+            return v
+        if isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v):
+            if any(not s for s in v):
+                raise ValueError("stop strings must not be empty")
+            return list(v)
+        raise ValueError(f"stop must be a str or a list of str, got {type(v).__name__}: {v!r}")
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _check_stop_ids(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in v):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {v!r}")
+        return list(v)
+
+    @model_validator(mode="after")
+    def _check_ranges(self):
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is larger than max_tokens={self.max_tokens}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
