@@ -1,0 +1,197 @@
+"""Plain-torch twins of the Triton kernels: the CPU engine path and the test oracle for Triton.
+
+Semantics (shared with triton_impl.py, see DESIGN.md "The KV cache and the kernel interface"):
+kv_cache is [num_blocks, 2, block_size, Hkv, D]; query token i of sequence b sits at position
+seq_lens[b] - q_len_b + i and attends to keys at positions <= its own (and > pos - sliding_window).
+
+Every CPU user runs this code, so it is written for speed as well as clarity: one gather of the
+needed blocks and one `scaled_dot_product_attention` call per prefill sequence, and decode
+sequences (one new token each) batched together with a padding mask. Without soft-capping the
+math is exactly what transformers' sdpa attention does in fp32, so greedy ids match it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Decode sequences are gathered in groups whose padded K/V copy stays under this many bytes.
+_DECODE_GATHER_BYTES = 256 << 20
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T] (slot = block * block_size + offset); -1 skips."""
+    block_size = kv_cache.shape[2]
+    slots = slot_mapping.to(torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)
+    kv_cache[blocks, 1, offsets] = value.to(kv_cache.dtype)
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole block src[i] to dst[i] in every layer's cache (copy-on-write of shared blocks)."""
+    if src.numel() == 0:
+        return
+    src = src.to(device=kv_caches[0].device, dtype=torch.long)
+    dst = dst.to(device=kv_caches[0].device, dtype=torch.long)
+    for cache in kv_caches:
+        # index_select copies first, so a block that is both a source and a destination is read intact.
+        cache.index_copy_(0, dst, cache.index_select(0, src))
+
+
+def _sdpa(q, k, v, mask, scale, is_causal=False):
+    """q [N, Hq, M, D], k/v [N, Hkv, S, D] -> [N, Hq, M, D] through torch's SDPA (GQA without a copy when possible)."""
+    if q.shape[1] != k.shape[1]:
+        try:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+            )
+        except TypeError:  # torch < 2.5 has no enable_gqa
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def _softcap_attention(q, k, v, mask, scale, softcap):
+    """Gemma-2 style eager attention: scores * scale, softcap * tanh(scores / softcap), mask, fp32 softmax."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def _attend(q, k, v, mask, scale, softcap, is_causal=False):
+    if softcap is not None:
+        if mask is None:  # causal with no prefix: build it, the eager path needs an explicit mask
+            m, s = q.shape[-2], k.shape[-2]
+            mask = torch.ones(m, s, dtype=torch.bool, device=q.device).tril(s - m)
+        return _softcap_attention(q, k, v, mask, scale, softcap)
+    return _sdpa(q, k, v, mask, scale, is_causal=is_causal)
+
+
+def _gather_kv(kv_cache, block_ids, ctx):
+    """K and V of one sequence as [1, Hkv, ctx, D] each (the needed blocks gathered once)."""
+    blocks = kv_cache.index_select(0, block_ids)  # [nb, 2, bs, Hkv, D]
+    nb, _, bs, hkv, d = blocks.shape
+    kv = blocks.transpose(0, 1).reshape(2, nb * bs, hkv, d)[:, :ctx]  # [2, ctx, Hkv, D]
+    kv = kv.permute(0, 2, 1, 3).unsqueeze(1)  # [2, 1, Hkv, ctx, D]
+    return kv[0], kv[1]
+
+
+def _prefill_one(q, kv_cache, block_ids, ctx, scale, sliding_window, softcap):
+    """q [M, Hq, D] of one sequence whose keys are positions [0, ctx) -> [M, Hq, D]."""
+    m = q.shape[0]
+    k, v = _gather_kv(kv_cache, block_ids, ctx)
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, M, D]
+    if m == ctx and sliding_window is None:
+        out = _attend(qh, k, v, None, scale, softcap, is_causal=True)
+    else:
+        qpos = torch.arange(ctx - m, ctx, device=q.device).unsqueeze(1)
+        kpos = torch.arange(ctx, device=q.device).unsqueeze(0)
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask &= kpos > qpos - sliding_window
+        out = _attend(qh, k, v, mask, scale, softcap)
+    return out[0].transpose(0, 1)
+
+
+def _decode_group(q, kv_cache, block_tables, ctx, scale, sliding_window, softcap):
+    """q [N, Hq, D]: one new token for each of N sequences with context lengths ctx [N] -> [N, Hq, D]."""
+    n = q.shape[0]
+    bs = kv_cache.shape[2]
+    max_ctx = int(ctx.max())
+    nb = -(-max_ctx // bs)
+    kpos = torch.arange(nb * bs, device=q.device)
+    used = kpos.view(1, nb, bs)[:, :, 0] < ctx.view(n, 1)  # [N, nb]: block is part of the context
+    ids = torch.where(used, block_tables[:, :nb].long(), 0)  # padding blocks point at block 0, masked below
+    blocks = kv_cache.index_select(0, ids.flatten())  # [N*nb, 2, bs, Hkv, D]
+    hkv, d = blocks.shape[-2:]
+    kv = blocks.view(n, nb, 2, bs, hkv, d).permute(2, 0, 4, 1, 3, 5).reshape(2, n, hkv, nb * bs, d)
+    valid = kpos.unsqueeze(0) < ctx.view(n, 1)  # [N, S]
+    # Slots past the context may hold garbage (even NaN) and 0 * NaN is NaN: zero them.
+    kv = kv.masked_fill(~valid.view(1, n, 1, -1, 1), 0)
+    mask = valid
+    if sliding_window is not None:
+        mask = mask & (kpos.unsqueeze(0) > ctx.view(n, 1) - 1 - sliding_window)
+    qh = q.unsqueeze(2)  # [N, Hq, 1, D]
+    out = _attend(qh, kv[0], kv[1], mask.view(n, 1, 1, -1), scale, softcap)
+    return out[:, :, 0]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring."""
+    if out is None:
+        out = torch.empty_like(q)
+    seq_lens_l = seq_lens.tolist()
+    qsl = query_start_loc.tolist()
+    bs = kv_cache.shape[2]
+    decode_rows = []
+    for b, ctx in enumerate(seq_lens_l):
+        start, end = qsl[b], qsl[b + 1]
+        if end == start:
+            continue
+        if end - start == 1:
+            decode_rows.append(b)
+            continue
+        nb = -(-ctx // bs)
+        ids = block_tables[b, :nb].long()
+        out[start:end] = _prefill_one(q[start:end], kv_cache, ids, ctx, scale, sliding_window, softcap).to(out.dtype)
+    if decode_rows:
+        per_token = 2 * kv_cache.shape[3] * kv_cache.shape[4] * kv_cache.element_size()
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        lens = torch.tensor([seq_lens_l[b] for b in decode_rows], dtype=torch.long)
+        order = torch.argsort(lens)  # similar lengths together: less padding per group
+        rows, lens = rows[order], lens[order]
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and (j + 1 - i) * int(lens[j]) * per_token <= _DECODE_GATHER_BYTES:
+                j += 1
+            r = rows[i:j]
+            tok = torch.tensor([qsl[b] for b in r.tolist()], dtype=torch.long, device=q.device)
+            res = _decode_group(
+                q.index_select(0, tok),
+                kv_cache,
+                block_tables.index_select(0, r.to(block_tables.device)),
+                lens[i:j].to(q.device),
+                scale,
+                sliding_window,
+                softcap,
+            )
+            out.index_copy_(0, tok, res.to(out.dtype))
+            i = j
+    return out
+
+
+def dense_attention_oracle(q, k, v, q_pos, k_pos, scale, sliding_window=None, softcap=None):
+    """Naive masked softmax in float64 for one sequence: q [M, Hq, D], k/v [S, Hkv, D] -> [M, Hq, D]."""
+    rep = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = torch.einsum("mhd,shd->hms", qd, kd) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    mask = k_pos.view(1, -1) <= q_pos.view(-1, 1)
+    if sliding_window is not None:
+        mask &= k_pos.view(1, -1) > q_pos.view(-1, 1) - sliding_window
+    s = s.masked_fill(~mask, -math.inf)
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hms,shd->mhd", p, vd)

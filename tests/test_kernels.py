@@ -1,0 +1,197 @@
+"""Kernel tests: the torch reference against a dense float64 oracle, and every Triton kernel against the
+reference through Triton's interpreter (CPU tensors, impl="triton"), plus GPU checks marked `gpu`.
+
+The interpreter is selected per call by `paged_backend.kernels` itself (it loads an interpreted copy
+of the kernel module for CPU tensors), so these tests need no environment variable and work in any
+test order, whatever imported triton first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from paged_backend import kernels
+from paged_backend.kernels import reference
+
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "output has NaN: some element was not written (or read garbage)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_batch(
+    q_lens,
+    ctx_lens,
+    hq,
+    hkv,
+    d,
+    block_size=16,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    spare_blocks=3,
+):
+    """A random varlen batch over a NaN-poisoned paged cache with shuffled block ids.
+
+    Returns dict with q, kv_cache, block_tables, seq_lens, query_start_loc and the dense per-sequence
+    k/v ([ctx, Hkv, D]) for the oracle. Unused slots and padding block-table entries stay poisoned.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    nbs = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(nbs) + spare_blocks
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    max_blocks = max(nbs) + 1
+    block_tables = torch.full((len(ctx_lens), max_blocks), -1, dtype=torch.int32)
+    kv_cache = torch.full((num_blocks, 2, block_size, hkv, d), float("nan"), dtype=dtype)
+    dense_k, dense_v, pos = [], [], 0
+    for b, (c, nb) in enumerate(zip(ctx_lens, nbs)):
+        block_tables[b, :nb] = torch.tensor(ids[pos : pos + nb], dtype=torch.int32)
+        pos += nb
+        k = torch.randn(c, hkv, d, generator=g).to(dtype)
+        v = torch.randn(c, hkv, d, generator=g).to(dtype)
+        p = torch.arange(c)
+        slots = block_tables[b, p // block_size].long() * block_size + p % block_size
+        reference.store_kv(k, v, kv_cache, slots)
+        dense_k.append(k)
+        dense_v.append(v)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+    qsl = torch.tensor([0] + list(q_lens), dtype=torch.int32).cumsum(0).to(torch.int32)
+    to = dict(device=device)
+    return dict(
+        q=q.to(**to),
+        kv_cache=kv_cache.to(**to),
+        block_tables=block_tables.to(**to),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+        query_start_loc=qsl.to(**to),
+        dense_k=dense_k,
+        dense_v=dense_v,
+        q_lens=list(q_lens),
+        ctx_lens=list(ctx_lens),
+    )
+
+
+def oracle(batch, scale, sliding_window=None, softcap=None):
+    outs, start = [], 0
+    q = batch["q"].cpu()
+    for ql, c, k, v in zip(batch["q_lens"], batch["ctx_lens"], batch["dense_k"], batch["dense_v"]):
+        qp = torch.arange(c - ql, c)
+        outs.append(reference.dense_attention_oracle(q[start : start + ql], k, v, qp, torch.arange(c), scale,
+                                                     sliding_window, softcap))
+        start += ql
+    return torch.cat(outs)
+
+
+def run_attention(batch, scale, impl, sliding_window=None, softcap=None, pass_max=True):
+    out = torch.full_like(batch["q"], float("nan"))  # poisoned: every element must be written
+    kw = {}
+    if pass_max:
+        kw = dict(max_query_len=max(batch["q_lens"]), max_seq_len=max(batch["ctx_lens"]))
+    res = kernels.paged_attention(
+        batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"],
+        scale, sliding_window=sliding_window, softcap=softcap, out=out, impl=impl, **kw,
+    )
+    assert res.data_ptr() == out.data_ptr()
+    return res
+
+
+# A decode-and-prefill mix: decode (q_len 1), prefill on top of a cached prefix, a fresh prefill,
+# chunked prefill, lengths that are not multiples of the block size.
+MIXED = ([1, 7, 1, 20, 1, 3], [37, 29, 1, 20, 64, 50])
+
+
+# ---------------------------------------------------------------- reference vs dense oracle
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (9, None), (None, 5.0), (13, 20.0)])
+def test_reference_matches_dense_oracle(hq, hkv, window, softcap):
+    d = 32
+    batch = make_batch(*MIXED, hq, hkv, d, seed=hq * 7 + hkv + (window or 0))
+    scale = d**-0.5
+    out = run_attention(batch, scale, "reference", window, softcap)
+    assert rel_err(out, oracle(batch, scale, window, softcap)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_low_precision(dtype):
+    batch = make_batch(*MIXED, 8, 2, 64, dtype=dtype, seed=3)
+    out = run_attention(batch, 0.125, "reference")
+    assert out.dtype == dtype
+    assert rel_err(out, oracle(batch, 0.125)) < TOL[dtype]
+
+
+def test_reference_many_decodes_grouped(monkeypatch):
+    """Decode batches split into several padded groups give the same result as one group."""
+    lens = [5, 300, 17, 64, 1, 129, 33, 250]
+    batch = make_batch([1] * len(lens), lens, 8, 2, 64, seed=5)
+    full = run_attention(batch, 0.125, "reference")
+    monkeypatch.setattr(reference, "_DECODE_GATHER_BYTES", 4096 * 8)
+    split = run_attention(batch, 0.125, "reference")
+    assert rel_err(split, oracle(batch, 0.125)) < 1e-5
+    assert rel_err(full, split) < 1e-6
+
+
+def test_reference_matches_sdpa_exactly_for_plain_prefill():
+    """No prefix, no window, no softcap: bitwise what transformers' sdpa path computes in fp32."""
+    batch = make_batch([19], [19], 8, 2, 64, seed=11)
+    out = run_attention(batch, 0.125, "reference")
+    q = batch["q"].transpose(0, 1).unsqueeze(0)
+    k = batch["dense_k"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
+    v = batch["dense_v"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125)
+    torch.testing.assert_close(out, sdpa[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- store_kv / copy_blocks
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv(impl, dtype):
+    g = torch.Generator().manual_seed(1)
+    nb, bs, hkv, d, t = 6, 16, 2, 64, 11
+    cache = torch.randn(nb, 2, bs, hkv, d, generator=g).to(dtype)
+    before = cache.clone()
+    # key/value as strided views of a fused qkv-like tensor, as the attention layer passes them
+    fused = torch.randn(t, 3 * hkv * d, generator=g).to(dtype)
+    key = fused[:, : hkv * d].view(t, hkv, d)
+    value = fused[:, hkv * d : 2 * hkv * d].view(t, hkv, d)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[3] = -1
+    slots[7] = -1
+    kernels.store_kv(key, value, cache, slots, impl=impl)
+    expect = before.clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expect[s // bs, 0, s % bs] = key[i]
+            expect[s // bs, 1, s % bs] = value[i]
+    assert torch.equal(cache, expect)
+
+
+def test_copy_blocks():
+    caches = [torch.randn(8, 2, 4, 2, 8) for _ in range(3)]
+    before = [c.clone() for c in caches]
+    src, dst = torch.tensor([1, 5, 2]), torch.tensor([5, 0, 7])  # block 5 is both read and written
+    kernels.copy_blocks(caches, src, dst)
+    for c, b in zip(caches, before):
+        expect = b.clone()
+        expect[[5, 0, 7]] = b[[1, 5, 2]]
+        assert torch.equal(c, expect)
+
+
+def test_bad_shapes_raise_clear_errors():
+    batch = make_batch([1], [5], 4, 2, 16)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        kernels.paged_attention(batch["q"][:, :3], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
+                                batch["query_start_loc"], 1.0)
+    with pytest.raises(ValueError, match="impl"):
+        kernels.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
+                                batch["query_start_loc"], 1.0, impl="cuda")
