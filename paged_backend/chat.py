@@ -1,0 +1,49 @@
+"""Conversations through the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def validate_messages(conversation: Any) -> list[dict[str, Any]]:
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError("a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(conversation):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise ValueError(f"message {i} has no {' or '.join(repr(k) for k in missing)}: {m!r}")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"message {i}: 'role' must be a non-empty str, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i}: 'content' must be a str, got {type(m['content']).__name__}")
+    return list(conversation)
+
+
+def render_chat(
+    tokenizer,
+    conversation,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template: Optional[str] = None,
+) -> tuple[str, list[int]]:
+    """The conversation as the model's prompt: (text, token ids). Tokenized without adding special
+    tokens again, since the template writes them (as transformers' apply_chat_template does)."""
+    conversation = validate_messages(conversation)
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of this model ({getattr(tokenizer, 'name_or_path', '?')}) has no chat template: "
+            "pass chat_template=... or format the prompt yourself and call generate()"
+        )
+    if add_generation_prompt and continue_final_message:
+        add_generation_prompt = False  # continuing the last message means no new turn
+    text = tokenizer.apply_chat_template(
+        conversation,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        chat_template=chat_template,
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, ids

@@ -1,0 +1,200 @@
+"""KV block ownership: block ids, reference counts, the free list and the prefix-cache hash table.
+
+Policy lives in the scheduler; this class only answers "can these slots be had" and hands out
+block ids. A full block is identified by the hash of (its parent block's hash, its token ids); a
+new sequence whose tokens start with a cached chain reuses those blocks instead of recomputing
+them. Freed blocks that carry a hash stay in the table (and on the free list, least recently freed
+first) until they are handed out again, so a later request can still hit them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from paged_backend.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default=())
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # ref_count == 0 blocks, least recently freed first; OrderedDict for O(1) removal on a cache hit
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict its cache entry: it is being reused for other tokens
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count < 0:
+            raise AssertionError(f"block {block_id} freed twice")
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached chain of full blocks of seq's tokens, leaving at least
+        one token to compute (its logits are needed)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent = None
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            toks = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = chain_hash(parent, toks)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != toks:
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    def allocate_new(self, seq: Sequence, max_new_tokens: int) -> int | None:
+        """First allocation for a sequence with no blocks: take cached prefix blocks, then new
+        blocks for up to max_new_tokens more tokens. Returns the number of tokens to compute this
+        step (>= 1), or None (nothing taken) when the blocks are not there."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        hits = self._cached_prefix(seq)
+        num_cached = len(hits) * self.block_size
+        num_new = min(max_new_tokens, seq.num_tokens - num_cached)
+        needed = self.blocks_needed(num_cached + num_new) - len(hits)
+        hits_now_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if needed + hits_now_free > len(self.free):
+            return None
+        for b in hits:
+            self._ref(b)
+        seq.block_table = hits + [self._take_free() for _ in range(needed)]
+        seq.num_computed_tokens = num_cached
+        seq.num_hashed_blocks = len(hits)
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += num_cached
+        return num_new
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Make room for num_new_tokens more tokens after seq's computed ones (copy-on-write the
+        block they start in when it is shared). All or nothing."""
+        total = seq.num_computed_tokens + num_new_tokens
+        needed = max(0, self.blocks_needed(total) - len(seq.block_table))
+        first = seq.num_computed_tokens // self.block_size
+        cow = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
+        if needed + int(cow) > len(self.free):
+            return False
+        if cow:
+            src = seq.block_table[first]
+            dst = self._take_free()
+            self._unref(src)
+            seq.block_table[first] = dst
+            self.pending_copies.append((src, dst))
+        seq.block_table.extend(self._take_free() for _ in range(needed))
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child shares all of parent's blocks (n > 1 completions of one prompt)."""
+        for b in parent.block_table:
+            self._ref(b)
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_hashed_blocks = parent.num_hashed_blocks
+
+    def free_seq(self, seq: Sequence) -> None:
+        # Tail first, so that a sequence's last blocks are the first to be reused.
+        for b in reversed(seq.block_table):
+            self._unref(b)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register seq's newly completed full blocks (their K/V now computed) in the hash table."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_hashed_blocks:
+            return
+        bs = self.block_size
+        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        for i in range(seq.num_hashed_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            toks = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if block.hash is None:
+                block.hash, block.token_ids = chain_hash(parent, toks), toks
+                self.hash_to_block.setdefault(block.hash, block.block_id)
+            parent = block.hash
+        seq.num_hashed_blocks = num_full
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def reset_prefix_cache(self) -> None:
+        for block_id in list(self.hash_to_block.values()):
+            self.blocks[block_id].hash, self.blocks[block_id].token_ids = None, ()
+        self.hash_to_block.clear()
+
+    def check_invariants(self, seqs: list[Sequence]) -> None:
+        """Reference counts equal the number of live block-table entries; free list == ref 0."""
+        counts = [0] * self.num_blocks
+        for s in seqs:
+            for b in s.block_table:
+                counts[b] += 1
+        for block in self.blocks:
+            if block.ref_count != counts[block.block_id]:
+                raise AssertionError(f"block {block.block_id}: ref_count {block.ref_count} != {counts[block.block_id]} users")
+            if (block.ref_count == 0) != (block.block_id in self.free):
+                raise AssertionError(f"block {block.block_id}: free-list membership disagrees with ref_count")
+        for h, b in self.hash_to_block.items():
+            if self.blocks[b].hash != h:
+                raise AssertionError(f"hash table entry for block {b} is stale")

@@ -1,0 +1,70 @@
+"""Incremental detokenization with stop strings.
+
+Each step decodes only a small window of token ids: the text of ids[prefix_offset:] minus the text
+of ids[prefix_offset:read_offset]. The window starts inside the prompt, so the first generated
+token gets the spacing it has in context (what `pipeline(...)` returns as the continuation), and
+a token that ends inside a multi-byte character waits until the character is complete.
+"""
+
+from __future__ import annotations
+
+from paged_backend.engine.sequence import Sequence
+
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def start(self, seq: Sequence) -> None:
+        n = seq.num_prompt_tokens
+        seq.prefix_offset = max(0, n - _PROMPT_CONTEXT_TOKENS)
+        seq.read_offset = n
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def update(self, seq: Sequence) -> str | None:
+        """Decode seq's newest tokens into seq.text. Returns the stop string that ends seq, if any."""
+        skip = seq.params.skip_special_tokens
+        ids = seq.token_ids
+        prefix_text = self._decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        new_text = self._decode(ids[seq.prefix_offset :], skip)
+        old_len = len(seq.text)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            seq.text += new_text[len(prefix_text) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return self._check_stop(seq, old_len)
+
+    def _check_stop(self, seq: Sequence, old_len: int) -> str | None:
+        params = seq.params
+        stops = params.stop_strings
+        if not stops or len(seq.text) == old_len or len(seq.output_token_ids) < params.min_tokens:
+            return None
+        longest = max(len(s) for s in stops)
+        search_from = max(0, old_len - longest + 1)
+        best: tuple[int, str] | None = None
+        for s in stops:
+            idx = seq.text.find(s, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        idx, s = best
+        seq.text = seq.text[: idx + len(s)] if params.include_stop_str_in_output else seq.text[:idx]
+        return s
+
+    @staticmethod
+    def take_delta(seq: Sequence) -> tuple[str, list[int]]:
+        """Text and token ids produced since the last call. While seq runs, the last characters
+        that could still turn out to start a stop string are held back."""
+        stops = seq.params.stop_strings
+        hold = 0 if seq.finished or not stops else max(len(s) for s in stops) - 1
+        end = max(seq.emitted_text_len, len(seq.text) - hold)
+        text = seq.text[seq.emitted_text_len : end]
+        seq.emitted_text_len = end
+        out = seq.output_token_ids
+        ids = out[seq.emitted_token_len :]
+        seq.emitted_token_len = len(out)
+        return text, ids

@@ -1,0 +1,85 @@
+"""Request and sequence state: what the scheduler and block manager move around.
+
+A request with n > 1 starts as one sequence that prefills the prompt; when the prompt is done the
+engine forks it into n sequences that share the prompt's KV blocks (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from paged_backend.outputs import RequestMetrics
+from paged_backend.params import SamplingParams
+
+_seq_counter = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    seqs: list["Sequence"] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.n
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]
+    generator: Optional[torch.Generator] = None
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    pending_forks: int = 0  # siblings still to fork off once the prompt is prefilled
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    # detokenizer state
+    text: str = ""
+    emitted_text_len: int = 0  # characters already handed out as deltas
+    emitted_token_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params

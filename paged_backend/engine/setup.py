@@ -1,0 +1,136 @@
+"""From EngineArgs to the parts the engine runs: device, dtype, model with weights, tokenizer,
+the KV cache sized to the memory budget, and the model runner bound to it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from paged_backend.args import EngineArgs
+from paged_backend.loader import init_dummy_weights, iter_weights, load_tokenizer, resolve_model
+from paged_backend.models.registry import get_model_class, kv_cache_shape_info
+from paged_backend.runtime.kv_cache import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    KVCacheSpec,
+    check_fits,
+    cuda_kv_budget,
+    num_blocks_for_bytes,
+)
+from paged_backend.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger("paged_backend")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineSetup:
+    device: torch.device
+    dtype: torch.dtype
+    hf_config: object
+    tokenizer: object
+    max_model_len: int
+    max_num_batched_tokens: int
+    vocab_size: int
+    eos_token_ids: set[int]
+    num_blocks: int
+    runner: ModelRunner
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32  # exact and, without AMX, as fast as bf16 on most CPUs
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = _DTYPES.get(cfg_dtype)
+    return cfg_dtype if cfg_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def eos_ids(hf_config, tokenizer, generation_config) -> set[int]:
+    ids: set[int] = set()
+    for src in (generation_config, hf_config):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def build_model(source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int):
+    cls = get_model_class(hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed=seed)
+    else:
+        model.load_weights((name, t.to(device)) for name, t in iter_weights(source, dtype))
+    return model.eval()
+
+
+def build_engine_parts(args: EngineArgs) -> EngineSetup:
+    device = resolve_device(args.device)
+    source = resolve_model(args.model, load_format=args.load_format)
+    cfg = source.hf_config
+    dtype = resolve_dtype(args.dtype, device, cfg)
+    tokenizer = load_tokenizer(source, args.tokenizer)
+    torch.manual_seed(args.seed)
+
+    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    max_model_len = args.max_model_len or limit
+    if max_model_len > limit:
+        raise ValueError(
+            f"max_model_len={max_model_len} is larger than the model's max_position_embeddings={limit}"
+        )
+    max_batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+
+    model = build_model(source, cfg, dtype, device, args.load_format, args.seed)
+    runner = ModelRunner(model, device, args.block_size)
+    num_layers, num_kv_heads, head_dim = kv_cache_shape_info(cfg)
+    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, args.block_size, dtype)
+
+    if args.kv_cache_memory is not None:
+        budget, where = args.kv_cache_memory, "kv_cache_memory"
+    elif device.type == "cuda":
+        tokens = min(max_batched, max_model_len)
+        budget = cuda_kv_budget(device, args.gpu_memory_utilization, lambda: runner.profile(tokens, spec))
+        where = "gpu_memory_utilization"
+    else:
+        budget, where = DEFAULT_CPU_KV_CACHE_BYTES, "kv_cache_memory"
+    num_blocks = num_blocks_for_bytes(spec, budget)
+    check_fits(spec, num_blocks, max_model_len, where)
+    runner.bind_kv_caches(spec.allocate(num_blocks, device))
+
+    vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
+    return EngineSetup(
+        device=device,
+        dtype=dtype,
+        hf_config=cfg,
+        tokenizer=tokenizer,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max_batched,
+        vocab_size=vocab,
+        eos_token_ids=eos_ids(cfg, tokenizer, getattr(source, "generation_config", None)),
+        num_blocks=num_blocks,
+        runner=runner,
+    )
