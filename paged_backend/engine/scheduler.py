@@ -83,8 +83,12 @@ class Scheduler:
                 i += 1
 
         # Admit waiting sequences only in steps without preemption: memory is short otherwise.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # A sequence still to fork holds slots for its siblings.
+        slots_used = sum(1 + s.pending_forks for s in self.running)
+        while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
+            if slots_used + 1 + seq.pending_forks > self.max_num_seqs:
+                break
             num_new = bm.allocate_new(seq, budget)
             if num_new is None:
                 break
@@ -97,6 +101,7 @@ class Scheduler:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            slots_used += 1 + seq.pending_forks
 
         return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted)
 
