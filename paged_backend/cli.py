@@ -1,0 +1,147 @@
+"""`paged-backend generate | chat | bench`.
+
+    paged-backend generate "What is the capital of France?"
+    paged-backend chat --model smollm2-135m-instruct
+    paged-backend bench --model llama-3.2-1b-shape --load-format dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF dir or hub id, .gguf file, or bundled alias")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", type=int, default=1, help="completions per prompt")
+
+
+def _make_llm(a):
+    from paged_backend import LLM
+
+    return LLM(
+        a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
+        kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
+        max_num_seqs=a.max_num_seqs,
+    )
+
+
+def _make_params(a):
+    from paged_backend import SamplingParams
+
+    return SamplingParams(
+        n=a.n, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, stop=a.stop, seed=a.seed,
+    )
+
+
+def cmd_generate(a) -> int:
+    llm = _make_llm(a)
+    params = _make_params(a)
+    use_template = not a.raw and bool(getattr(llm.get_tokenizer(), "chat_template", None))
+    if use_template:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompts], params)
+    else:
+        outs = llm.generate(a.prompts, params)
+    for prompt, out in zip(a.prompts, outs):
+        for c in out.outputs:
+            if len(a.prompts) > 1 or len(out.outputs) > 1:
+                print(f"--- {prompt!r} [{c.index}]")
+            print(c.text.strip() if use_template else c.text)
+    llm.shutdown()
+    return 0
+
+
+def cmd_chat(a) -> int:
+    llm = _make_llm(a)
+    params = _make_params(a)
+    history: list[dict[str, str]] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    print("paged-backend chat: empty line or Ctrl-D to quit, /reset to clear the history", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text.strip()
+        print(reply)
+        history.append({"role": "assistant", "content": reply})
+    llm.shutdown()
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from paged_backend.bench import run_workload
+
+    run_workload(a)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="paged-backend", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate for one or more prompts")
+    _engine_flags(g)
+    _sampling_flags(g)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("prompts", nargs="+")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat through the model's chat template")
+    _engine_flags(c)
+    _sampling_flags(c)
+    c.add_argument("--system", default=None)
+    c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="throughput on workload A (random prompts, fixed output length)")
+    _engine_flags(b)
+    b.add_argument("--num-prompts", type=int, default=256)
+    b.add_argument("--output-len", type=int, default=256)
+    b.add_argument("--min-input-len", type=int, default=100)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.set_defaults(func=cmd_bench)
+
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return a.func(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
