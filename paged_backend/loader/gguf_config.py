@@ -1,0 +1,156 @@
+"""The transformers config of a GGUF file, built from its metadata.
+
+Values llama.cpp does not store but hard-codes per architecture (Gemma 3's local rope base of 10000
+and its 5 local : 1 global layer pattern, Gemma 2's alternating window, the 27B models' query scale)
+are filled in the way llama.cpp's own loader does, so the config equals the original HF config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import transformers
+
+from .errors import ModelLoadError
+from .gguf_file import GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+
+
+def gguf_to_hf_config(gf: GGUFFile) -> transformers.PretrainedConfig:
+    arch = gf.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{gf.path}: GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+
+    def meta(key: str, default: Any = None) -> Any:
+        return gf.get(f"{arch}.{key}", default)
+
+    n_layers = int(meta("block_count"))
+    hidden = int(meta("embedding_length"))
+    n_heads = _scalar(meta("attention.head_count"))
+    n_kv_heads = _scalar(meta("attention.head_count_kv", n_heads))
+    head_dim = meta("attention.key_length") or meta("rope.dimension_count") or hidden // n_heads
+    tied = "output.weight" not in gf.tensors
+    vocab = meta("vocab_size")
+    if vocab is None:
+        vocab = gf.tensors["token_embd.weight"].shape[0]
+
+    common: dict[str, Any] = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=_scalar(meta("feed_forward_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=int(head_dim),
+        max_position_embeddings=int(meta("context_length", 2048)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        tie_word_embeddings=tied,
+        **_special_token_ids(gf),
+    )
+    rope_scaling = _rope_scaling(meta)
+
+    if arch in ("llama", "mistral"):
+        is_mistral = arch == "mistral" or "mistral" in str(gf.get("general.name", "")).lower()
+        cls = transformers.MistralConfig if is_mistral else transformers.LlamaConfig
+        extra: dict[str, Any] = dict(hidden_act="silu", rope_scaling=rope_scaling)
+        if is_mistral:
+            extra["sliding_window"] = meta("attention.sliding_window")
+        config = cls(**common, **extra)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common, hidden_act="silu", rope_scaling=rope_scaling)
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(**common, hidden_act="silu", rope_scaling=rope_scaling)
+    elif arch == "gemma":
+        config = transformers.GemmaConfig(**common, hidden_activation="gelu_pytorch_tanh")
+    elif arch == "gemma2":
+        window = int(meta("attention.sliding_window", 4096))
+        config = transformers.Gemma2Config(
+            **common,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=window,
+            layer_types=_layer_types(meta("attention.sliding_window_pattern"), n_layers, period=2),
+            query_pre_attn_scalar=_query_pre_attn_scalar(n_layers, hidden, n_heads, int(head_dim), big=46),
+            attn_logit_softcapping=_opt_float(meta("attn_logit_softcapping")),
+            final_logit_softcapping=_opt_float(meta("final_logit_softcapping")),
+        )
+    else:  # gemma3
+        config = transformers.Gemma3TextConfig(
+            **common,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=int(meta("attention.sliding_window", 4096)),
+            layer_types=_layer_types(meta("attention.sliding_window_pattern"), n_layers, period=6),
+            query_pre_attn_scalar=_query_pre_attn_scalar(n_layers, hidden, n_heads, int(head_dim), big=62),
+            # llama.cpp keeps 10000 for the local layers unless the file says otherwise; the
+            # file's rope scaling (4B and up: linear x8) applies to the global layers only.
+            rope_local_base_freq=float(meta("rope.freq_base_swa", 10000.0)),
+            rope_scaling=rope_scaling,
+            attn_logit_softcapping=_opt_float(meta("attn_logit_softcapping")),
+            final_logit_softcapping=_opt_float(meta("final_logit_softcapping")),
+        )
+    config.architectures = [_ARCH_CLASS[config.model_type]]
+    return config
+
+
+_ARCH_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def _scalar(value: Any) -> int:
+    # Some files store per-layer arrays (e.g. head_count_kv); the HF configs here take one value.
+    if isinstance(value, np.ndarray):
+        return int(value.max())
+    return int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _special_token_ids(gf: GGUFFile) -> dict[str, Any]:
+    out = {}
+    for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        value = gf.get(f"tokenizer.ggml.{key}_token_id")
+        if value is not None:
+            out[name] = int(value)
+    return out
+
+
+def _rope_scaling(meta) -> dict[str, Any] | None:
+    kind = meta("rope.scaling.type")
+    factor = meta("rope.scaling.factor")
+    if kind in (None, "none") or factor is None or float(factor) == 1.0:
+        return None
+    scaling: dict[str, Any] = {"rope_type": str(kind), "factor": float(factor)}
+    original = meta("rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _layer_types(pattern: Any, n_layers: int, period: int) -> list[str]:
+    """Per-layer attention kind. A stored per-layer bool array wins (True = sliding window);
+    otherwise every ``period``-th layer is global, the rest sliding, as llama.cpp assumes."""
+    if isinstance(pattern, np.ndarray) and pattern.size == n_layers:
+        return ["sliding_attention" if bool(x) else "full_attention" for x in pattern]
+    if isinstance(pattern, (int, np.integer)) and int(pattern) > 0:
+        period = int(pattern)
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)]
+
+
+def _query_pre_attn_scalar(n_layers: int, hidden: int, n_heads: int, head_dim: int, big: int) -> int:
+    # The 27B Gemma 2/3 models scale queries by hidden/heads instead of head_dim (llama.cpp keys
+    # this on the layer count, as GGUF does not store it).
+    return hidden // n_heads if n_layers == big else head_dim
