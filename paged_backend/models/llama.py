@@ -1,0 +1,90 @@
+"""The Llama family natively: Llama 2/3 (incl. llama3 rope scaling), Mistral (sliding window),
+Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and SmolLM2 (a Llama)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paged_backend.layers.attention import AttentionMetadata
+from paged_backend.layers.norms import RMSNorm
+from paged_backend.layers.rotary import RotaryEmbedding
+from paged_backend.models.base import CausalLM, sliding_window_for
+from paged_backend.models.blocks import GatedMLP, SelfAttention, head_dim_of, layer_types_of
+
+
+def _biases(config) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias). Qwen2 always has q/k/v bias and never an o_proj bias; the others
+    follow config.attention_bias for all four projections."""
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_type: str):
+        super().__init__()
+        qkv_bias, o_bias = _biases(config)
+        self.self_attn = SelfAttention(
+            config,
+            scale=head_dim_of(config) ** -0.5,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=RMSNorm if config.model_type == "qwen3" else None,
+            sliding_window=sliding_window_for(config, layer_type),
+        )
+        self.mlp = GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            bias=bool(getattr(config, "mlp_bias", False)),
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
+        residual = hidden
+        hidden = self.self_attn(self.input_layernorm(hidden), rope, meta)
+        hidden = residual + hidden
+        residual = hidden
+        hidden = self.mlp(self.post_attention_layernorm(hidden))
+        return residual + hidden
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, t) for t in layer_types_of(config))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding.from_config(config, head_dim_of(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions)
+        for layer in self.layers:
+            hidden = layer(hidden, rope, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama / Mistral / Qwen2 / Qwen3 / SmolLM2; the config's model_type selects the variations."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.tie_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions [T] (one varlen batch) -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, meta)
+
+
+# transformers' architecture names for the same code.
+MistralForCausalLM = LlamaForCausalLM
+Qwen2ForCausalLM = LlamaForCausalLM
+Qwen3ForCausalLM = LlamaForCausalLM

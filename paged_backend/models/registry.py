@@ -1,0 +1,61 @@
+"""Which native class runs a given HF config, and the KV-cache geometry it needs."""
+
+from __future__ import annotations
+
+import importlib
+
+from paged_backend.models.blocks import head_dim_of, num_kv_heads_of
+
+# HF architecture name -> (module, class); model_type is the fallback when `architectures` is absent.
+_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma", "GemmaForCausalLM"),
+}
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def _architecture(config) -> str | None:
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in _ARCHITECTURES:
+            return arch
+    return _MODEL_TYPES.get(getattr(config, "model_type", None))
+
+
+def is_supported(config) -> bool:
+    return _architecture(config) is not None
+
+
+def get_model_class(config) -> type:
+    """The native model class for an HF config (by config.architectures, else config.model_type)."""
+    arch = _architecture(config)
+    if arch is None:
+        raise NotImplementedError(
+            f"no native implementation for architectures={getattr(config, 'architectures', None)} "
+            f"(model_type={getattr(config, 'model_type', None)!r}); natively supported: "
+            f"{', '.join(supported_architectures())}"
+        )
+    module_name, class_name = _ARCHITECTURES[arch]
+    module = importlib.import_module(f"paged_backend.models.{module_name}")
+    return getattr(module, class_name)
+
+
+def kv_cache_shape_info(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim): each layer's cache is [num_blocks, 2, block_size, Hkv, D]."""
+    return config.num_hidden_layers, num_kv_heads_of(config), head_dim_of(config)
