@@ -1,0 +1,215 @@
+"""The sampler: from the last-token logits of each running sequence to one new token per sequence.
+
+Order of operations (vLLM's): min_tokens mask (EOS + stop_token_ids -> -inf) -> repetition penalty
+(prompt + output tokens) -> presence / frequency penalties (output tokens) -> greedy rows take the
+argmax here -> temperature -> top-k -> top-p -> min-p -> softmax -> sample.
+
+Everything is one batched pass over ``[N, V]`` with per-row parameter tensors; a transform no row
+uses is skipped. Random rows sample with the exponential race: ``argmax(probs / q)`` with
+``q ~ Exp(1)`` i.i.d. per token, which picks token i with probability ``probs[i]``. Rows with a
+per-request ``torch.Generator`` draw their own ``q`` of shape ``[V]`` from it, so their tokens
+depend only on their seed, their logits and how many steps they have taken — never on the batch
+size or on their position in it. Unseeded rows share one draw from the default generator.
+
+Logprobs are those of the RAW model distribution (``log_softmax`` of the logits as given, before
+penalties, temperature and filters), as vLLM v1 returns by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from paged_backend.layers import logits_processors as lp
+from paged_backend.params import SamplingParams
+
+# Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
+GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingRow:
+    """One sequence being sampled this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    # Per-request seeded generator on the logits' device (None when params.seed is None); the
+    # engine creates it once per sequence and keeps it across steps.
+    generator: torch.Generator | None = None
+    # Masked (with params.stop_token_ids) while len(output_token_ids) < params.min_tokens.
+    eos_token_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]                        # one per row
+    logprobs: list[float]                       # raw-model logprob of the sampled token
+    top_logprobs: list[dict[int, float] | None]  # params.logprobs=k: top-k ids + the sampled id
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_EPS
+
+
+def _top_k_of(params: SamplingParams, vocab_size: int) -> int:
+    """0 = off; otherwise clamped to the vocabulary."""
+    k = params.top_k
+    return 0 if k is None or k <= 0 or k >= vocab_size else k
+
+
+@dataclass
+class _Batch:
+    """Per-row parameters as device tensors plus host-side facts used to skip unused transforms."""
+
+    greedy: torch.Tensor            # bool [N]
+    temperature: torch.Tensor       # [N], 1.0 for greedy rows
+    top_k: torch.Tensor             # long [N], 0 = off
+    max_top_k: int
+    top_p: torch.Tensor             # [N]
+    min_p: torch.Tensor             # [N]
+    all_greedy: bool
+    any_top_p: bool
+    any_min_p: bool
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "_Batch":
+        greedy = [_is_greedy(r.params) for r in rows]
+        top_k = [0 if g else _top_k_of(r.params, vocab_size) for r, g in zip(rows, greedy)]
+        top_p = [1.0 if g else r.params.top_p for r, g in zip(rows, greedy)]
+        min_p = [0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]
+        temp = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy)]
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=torch.tensor(temp, **f32),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            max_top_k=max(top_k, default=0),
+            top_p=torch.tensor(top_p, **f32),
+            min_p=torch.tensor(min_p, **f32),
+            all_greedy=all(greedy),
+            any_top_p=any(p < 1.0 for p in top_p),
+            any_min_p=any(p > 0.0 for p in min_p),
+        )
+
+
+def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """min_tokens masking, repetition penalty, presence and frequency penalties (no temperature)."""
+    n, vocab = logits.shape
+    device = logits.device
+
+    masked_rows, masked_ids = [], []
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) < r.params.min_tokens:
+            ids = set(r.params.stop_token_ids or ())
+            if not r.params.ignore_eos:
+                ids |= set(r.eos_token_ids)
+            if ids:
+                masked_rows.append(i)
+                masked_ids.append(sorted(ids))
+    logits = lp.apply_token_mask(logits, masked_rows, masked_ids)
+
+    rep = [r.params.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in rep):
+        seen = lp.token_counts(
+            [r.prompt_token_ids + r.output_token_ids if p != 1.0 else [] for r, p in zip(rows, rep)],
+            vocab, device,
+        ) > 0
+        logits = lp.apply_repetition_penalty(logits, seen, torch.tensor(rep, dtype=logits.dtype, device=device))
+
+    pres = [r.params.presence_penalty for r in rows]
+    freq = [r.params.frequency_penalty for r in rows]
+    if any(p != 0.0 for p in pres) or any(f != 0.0 for f in freq):
+        counts = lp.token_counts(
+            [r.output_token_ids if (p != 0.0 or f != 0.0) else [] for r, p, f in zip(rows, pres, freq)],
+            vocab, device,
+        )
+        logits = lp.apply_presence_frequency(
+            logits, counts,
+            torch.tensor(pres, dtype=logits.dtype, device=device),
+            torch.tensor(freq, dtype=logits.dtype, device=device),
+        )
+    return logits
+
+
+def _filter(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on penalised logits (greedy rows pass through unchanged)."""
+    logits = lp.apply_temperature(logits, batch.temperature)
+    logits = lp.apply_top_k(logits, batch.top_k, batch.max_top_k)
+    if batch.any_top_p:
+        logits = lp.apply_top_p(logits, batch.top_p)
+    if batch.any_min_p:
+        logits = lp.apply_min_p(logits, batch.min_p)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The exact ``[N, V]`` distribution each row is sampled from (greedy rows: one-hot at argmax).
+
+    Exposed so tests can compare it with an independent reference; ``Sampler`` computes the same.
+    """
+    logits = logits.float()
+    batch = _Batch.build(rows, logits.shape[1], logits.device)
+    penalised = apply_penalties_and_masks(logits, rows)
+    probs = _filter(penalised, batch).softmax(dim=1)
+    one_hot = torch.zeros_like(probs).scatter_(1, penalised.argmax(dim=1, keepdim=True), 1.0)
+    return torch.where(batch.greedy.unsqueeze(1), one_hot, probs)
+
+
+def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+    """``q ~ Exp(1)`` per token; seeded rows draw from their own generator, shape ``[V]`` each."""
+    n, vocab = probs.shape
+    seeded = [i for i, r in enumerate(rows) if r.generator is not None and not greedy[i]]
+    if len(seeded) < n - sum(greedy):
+        q = torch.empty_like(probs).exponential_()
+    else:
+        q = torch.ones_like(probs)
+    for i in seeded:
+        q[i] = torch.empty(vocab, dtype=probs.dtype, device=probs.device).exponential_(generator=rows[i].generator)
+    # Exp(1) can return exactly 0; 0/0 would be NaN, which argmax would pick.
+    return q.clamp_min_(torch.finfo(probs.dtype).tiny)
+
+
+class Sampler:
+    """``Sampler()(logits[N, V], rows) -> SamplerOutput``; stateless (generators live in the rows)."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
+                f"{tuple(logits.shape)} and {len(rows)} rows"
+            )
+        if not rows:
+            return SamplerOutput([], [], [])
+        logits = logits.float()
+        vocab = logits.shape[1]
+        batch = _Batch.build(rows, vocab, logits.device)
+        greedy = [_is_greedy(r.params) for r in rows]
+
+        penalised = apply_penalties_and_masks(logits, rows)
+        token_ids = penalised.argmax(dim=1)
+        if not batch.all_greedy:
+            probs = _filter(penalised, batch).softmax(dim=1)
+            sampled = (probs / _exponential_noise(probs, rows, greedy)).argmax(dim=1)
+            token_ids = torch.where(batch.greedy, token_ids, sampled)
+
+        raw_logprobs = logits.log_softmax(dim=1)
+        chosen_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        want = [r.params.logprobs for r in rows]
+        max_k = min(max((k for k in want if k is not None), default=0), vocab)
+        top_vals = top_ids = None
+        if max_k > 0:
+            top = raw_logprobs.topk(max_k, dim=1)
+            top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+
+        ids_list, lp_list = token_ids.tolist(), chosen_lp.tolist()   # one device->host sync
+        top_logprobs: list[dict[int, float] | None] = []
+        for i, k in enumerate(want):
+            if k is None:
+                top_logprobs.append(None)
+                continue
+            entry = {} if k == 0 else dict(zip(top_ids[i][:k], top_vals[i][:k]))
+            entry[ids_list[i]] = lp_list[i]
+            top_logprobs.append(entry)
+        return SamplerOutput(token_ids=ids_list, logprobs=lp_list, top_logprobs=top_logprobs)
