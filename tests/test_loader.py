@@ -288,13 +288,18 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2):
-    """transformers' load_gguf_checkpoint: config dict and every dequantized, renamed tensor."""
+    """transformers' load_gguf_checkpoint: config dict, every dequantized renamed tensor, and the
+    gguf.GGUFReader it used (parsed once: GGUFReader takes seconds on this file)."""
+    import gguf
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    reader = gguf.GGUFReader(str(smollm2.path))
     with torch.device("meta"):  # only its parameter names are used, to map GGUF names
         skeleton = transformers.LlamaForCausalLM(smollm2.hf_config)
-    full = load_gguf_checkpoint(str(smollm2.path), return_tensors=True, model_to_load=skeleton)
-    return full["config"], full["tensors"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", lambda *args, **kwargs: reader)
+        full = load_gguf_checkpoint(str(smollm2.path), return_tensors=True, model_to_load=skeleton)
+    return full["config"], full["tensors"], reader
 
 
 @needs_smollm2
@@ -312,8 +317,9 @@ def test_smollm2_config(smollm2):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
-    ref_config, ref_tensors = smollm2_reference
+    ref_config, ref_tensors, _ = smollm2_reference
     for key, value in ref_config.items():
         if key in ("model_type", "_model_name_or_path", "unk_token_id"):
             continue
@@ -328,10 +334,9 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
 
 
 @needs_smollm2
-def test_gguf_header_matches_gguf_reader(smollm2):
-    import gguf
-
-    reader = gguf.GGUFReader(str(smollm2.path))
+@pytest.mark.slow
+def test_gguf_header_matches_gguf_reader(smollm2, smollm2_reference):
+    reader = smollm2_reference[2]
     ours = read_gguf(smollm2.path)
     assert set(ours.metadata) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
     for key in ("llama.rope.freq_base", "tokenizer.chat_template", "tokenizer.ggml.merges", "tokenizer.ggml.tokens"):
@@ -398,6 +403,7 @@ def test_gemma3_config(gemma3):
 
 
 @needs_gemma3
+@pytest.mark.slow
 def test_gemma3_weights_match_transformers_mapping(gemma3):
     """Names and the norm convention against transformers' own GGUF name map and tensor processor."""
     from gguf.quants import dequantize as gguf_dequantize
@@ -426,6 +432,7 @@ def test_gemma3_weights_match_transformers_mapping(gemma3):
 
 
 @needs_gemma3
+@pytest.mark.slow  # the first run converts a 262k-token vocabulary (~40 s); later runs read the cache
 def test_gemma3_tokenizer(gemma3):
     tok = load_tokenizer(gemma3)
     ids = tok("The capital of France is").input_ids

@@ -11,13 +11,13 @@ Three differences between a llama.cpp GGUF and the HF checkpoint it was converte
 from __future__ import annotations
 
 import re
-import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 import transformers
-from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from .errors import CorruptWeightsError
@@ -87,46 +87,38 @@ def iter_gguf_weights(
         raise CorruptWeightsError(
             f"{gf.path}: tensors with no known HF name for arch {arch!r}: {', '.join(unknown[:8])}"
         )
-    for name, info in gf.tensors.items():
-        target = hf_name(name, arch)
-        if target is None:
-            continue
+
+    def convert(name: str) -> torch.Tensor:
         t = dequantize(gf, name)
-        if is_llama and t.ndim >= 1 and (".attn_q." in name or ".attn_k." in name):
+        if is_llama and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             t = unpermute_qk(t, heads)
         if is_gemma and name.endswith("norm.weight"):
             t = t - 1.0
-        yield target, t.to(dtype).contiguous()
+        return t.to(dtype).contiguous()
+
+    names = [n for n in gf.tensors if hf_name(n, arch) is not None]
+    # numpy dequantization releases the GIL: keep a couple of tensors in flight while the caller
+    # copies the previous one into its model.
+    with ThreadPoolExecutor(max_workers=_LOOKAHEAD) as pool:
+        pending: deque = deque()
+        for name in names:
+            pending.append((name, pool.submit(convert, name)))
+            if len(pending) > _LOOKAHEAD:
+                done_name, future = pending.popleft()
+                yield hf_name(done_name, arch), future.result()
+        while pending:
+            done_name, future = pending.popleft()
+            yield hf_name(done_name, arch), future.result()
+
+
+_LOOKAHEAD = 2
 
 
 def dequantize(gf: GGUFFile, name: str) -> torch.Tensor:
     """A float32 CPU tensor in numpy shape order (outermost dimension first)."""
     info = gf.tensors[name]
-    raw = gf.raw(name)
-    fast = _FAST.get(info.qtype)
-    if fast is not None:
-        with warnings.catch_warnings():  # the memory map is read-only; the view is copied at once
-            warnings.simplefilter("ignore", UserWarning)
-            return fast(torch.from_numpy(raw)).reshape(info.shape)
-    return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(raw, info.qtype))).reshape(info.shape)
-
-
-# Plain float types are only viewed; every block-quantized type goes through gguf.quants.
-def _f32(raw: torch.Tensor) -> torch.Tensor:
-    return raw.view(torch.float32).clone()
-
-
-def _f16(raw: torch.Tensor) -> torch.Tensor:
-    return raw.view(torch.float16).float()
-
-
-def _bf16(raw: torch.Tensor) -> torch.Tensor:
-    return raw.view(torch.bfloat16).float()
-
-
-_FAST = {
-    GGMLQuantizationType.F32: _f32,
-    GGMLQuantizationType.F16: _f16,
-    GGMLQuantizationType.BF16: _bf16,
-}
+    values = gguf_dequantize(gf.raw(name), info.qtype)
+    if not values.flags.writeable or not values.flags.c_contiguous:
+        values = np.array(values, dtype=np.float32)  # F32 comes back as a view of the read-only map
+    return torch.from_numpy(values).reshape(info.shape)
