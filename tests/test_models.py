@@ -33,6 +33,16 @@ TINY = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: threads only add synchronisation, and on a busy 2-core machine OpenMP
+    # spinning makes the file several times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _config(name: str):
     C = transformers
     if name == "llama":
