@@ -40,6 +40,14 @@ def _triton_module(interpret: bool):
             if not interpret and os.environ.get("TRITON_INTERPRET") != "1":
                 from . import triton_impl as mod
             else:
+                # Import triton (and the gluon package it pulls in lazily at the first launch) in its
+                # normal mode first, so only our kernels' decorators see the interpreter flag.
+                import triton  # noqa: F401
+
+                try:
+                    import triton.experimental.gluon  # noqa: F401
+                except ImportError:
+                    pass
                 name = f"{__name__}._triton_impl_interpreted"
                 path = os.path.join(os.path.dirname(__file__), "triton_impl.py")
                 spec = importlib.util.spec_from_file_location(name, path)

@@ -1,0 +1,368 @@
+"""Triton kernels: KV store, one varlen paged-attention kernel (prefill, chunked prefill and decode mixed),
+an optional split-K (flash-decoding) mode of that kernel for decode-only batches, and its reduce kernel.
+
+Layout (DESIGN.md): kv_cache [num_blocks, 2, block_size, Hkv, D]. Attention program (i, kvh, split)
+handles BLOCK_Q query tokens of one sequence times the G = Hq / Hkv query heads that share KV head
+kvh, packed as BLOCK_M = BLOCK_Q * G rows (row r: token r // G, head kvh * G + r % G), so each K/V
+tile read from the cache serves all G heads. Programs are numbered over the flat token axis: seq b
+owns the ids [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1), which needs no host-side
+knowledge of the per-sequence lengths (no device->host sync; a fixed grid of T // BLOCK_Q + B).
+
+This module is self-contained (torch and triton only) because kernels/__init__.py loads it a second
+time under TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton
+builtins (tl.reduce with our own combine functions instead of tl.max / tl.sum / tl.sigmoid /
+tl.cdiv): those library helpers are jit functions of Triton's own, compiled-mode when triton was
+imported without the interpreter, and an interpreted kernel cannot call them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Decided when this module is executed, like Triton's own choice between compiled and interpreted kernels.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ckv, stride_cs, stride_ch,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, BLOCK_H)[:, None]
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (offs_h < H) & (offs_d < D)
+        dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h * stride_ch + offs_d
+        k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _own_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_sum(a, b):
+    return a + b
+
+
+# Triton's own combine functions where present: the interpreter recognises them and reduces with numpy
+# (with any other combine function it loops over elements in Python); compiled code is the same.
+_max_combine = getattr(tl.standard, "_elementwise_max", _own_max)
+_sum_combine = getattr(tl.standard, "_sum_combine", _own_sum)
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter multiplies bf16 as raw integers (numpy has no bf16), so there the
+    # operands go through fp32 first; compiled kernels never set it.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    """Largest b with qsl[b] // BLOCK_Q + b <= pid (binary search; those starts strictly increase)."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if start <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, start, kv_ptr, bt_row_ptr, kvh, q_pos, hi, offs_d, d_mask,
+    qk_scale, softcap, window,
+    stride_cb, stride_ckv, stride_cs, stride_ch,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One BLOCK_N tile of keys [start, start + BLOCK_N): online-softmax update in the log2 domain."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = offs_n < hi
+        phys = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(kv_ptr + base[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_mask[:, None], other=0.0)
+    else:
+        phys = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE).to(tl.int64)
+        base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(kv_ptr + base[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+    s = _dot(q, k, DOT_PREC, UPCAST)
+    if USE_SOFTCAP:
+        # softcap * tanh(x / softcap), tanh(y) = 2 * sigmoid(2y) - 1; then into the log2 domain
+        # qk_scale = scale * log2(e), so the tanh argument s * scale / softcap is s * qk_scale / (log2(e) * softcap)
+        s = softcap * (2.0 / (1.0 + tl.exp(s * (-2.0 * qk_scale / (1.4426950408889634 * softcap)))) - 1.0)
+        s = s * 1.4426950408889634
+    else:
+        s = s * qk_scale  # qk_scale already holds log2(e)
+    if MASKED:
+        keep = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    if MASKED:
+        v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :],
+                    other=0.0)
+    else:
+        v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs", "chunk_len", "window"])
+def _paged_attn_kernel(
+    q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, softcap, window, num_seqs, chunk_len,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
+    stride_pt, stride_ph, stride_ps,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    qb = pid - (q_start // BLOCK_Q + b)
+    if qb * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + b)
+        first_pos = seq_len - q_len  # position of the sequence's first new token
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = qb * BLOCK_Q + offs_m // G
+        head = kvh * G + offs_m % G
+        row_ok = (offs_m < BLOCK_Q * G) & (tok < q_len)
+        q_pos = first_pos + tok
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        row = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+        # Keys this tile needs: [lo, hi). min_pos / max_pos: positions of its first and last query token.
+        min_pos = first_pos + qb * BLOCK_Q
+        max_pos = first_pos + tl.minimum(q_len, (qb + 1) * BLOCK_Q) - 1
+        hi = max_pos + 1
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(min_pos - window + 1, 0)
+        split_hi = hi
+        if SPLIT:
+            lo = tl.maximum(lo, split * chunk_len)
+            split_hi = (split + 1) * chunk_len  # chunk_len is a multiple of BLOCK_N
+            hi = tl.minimum(hi, split_hi)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        # Tiles that need no mask: every key visible to every row (below the diagonal, inside the window).
+        full_hi = tl.minimum(((min_pos + 1) // BLOCK_N) * BLOCK_N, split_hi)
+        full_lo = lo
+        if USE_WINDOW:
+            full_lo = tl.maximum(lo, ((max_pos - window + BLOCK_N) // BLOCK_N) * BLOCK_N)
+        if full_lo >= full_hi:
+            full_lo = hi
+            full_hi = hi
+
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        for start in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                stride_cb, stride_ckv, stride_cs, stride_ch,
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+        for start in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                stride_cb, stride_ckv, stride_cs, stride_ch,
+                BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+        for start in range(full_hi, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                stride_cb, stride_ckv, stride_cs, stride_ch,
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        res = acc / l_safe[:, None]
+        st_mask = row_ok[:, None] & d_mask[None, :]
+        if SPLIT:
+            # Partial result of this split, normalised, plus its log2-sum-exp for the reduce kernel.
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+            p_off = row * stride_pt + head * stride_ph + split * stride_ps
+            tl.store(part_out_ptr + p_off[:, None] + offs_d[None, :], res, mask=st_mask)
+            # part_lse is part_out without its last (BLOCK_D) dimension: same strides divided by BLOCK_D.
+            tl.store(part_lse_ptr + (row * stride_pt + head * stride_ph) // BLOCK_D + split, lse, mask=row_ok)
+        else:
+            tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    base = t * stride_pt + h * stride_ph
+    lse = tl.load(part_lse_ptr + base // BLOCK_D + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.reduce(lse, 0, _max_combine)
+    w = tl.math.exp2(lse - m)  # empty splits have lse -inf: weight 0
+    w = w / tl.reduce(w, 0, _sum_combine)
+    o = tl.load(part_out_ptr + base + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    res = tl.reduce(o * w[:, None], 0, _sum_combine)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def store_kv(key, value, kv_cache, slot_mapping):
+    t, h, d = key.shape
+    if t == 0:
+        return
+    if key.stride(2) != 1:
+        key = key.contiguous()
+    if value.stride(2) != 1:
+        value = value.contiguous()
+    if kv_cache.stride(4) != 1:
+        raise ValueError("kv_cache must be contiguous in its last (head_dim) dimension")
+    _store_kv_kernel[(t,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        H=h, D=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_config(max_query_len: int, g: int, d: int, decode: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small row tiles for decode, 128-row tiles for prefill."""
+    if decode:
+        block_m = max(16, triton.next_power_of_2(g))
+        return block_m, (64 if d <= 128 else 32), 4, 3
+    big = 128 if d <= 128 else 64
+    block_m = min(big, max(16, triton.next_power_of_2(max_query_len * g)))
+    block_m = max(block_m, triton.next_power_of_2(g))
+    block_n = 64 if d <= 128 else 32
+    warps = 8 if block_m * d >= 128 * 128 else 4
+    return block_m, block_n, warps, 2 if d > 64 else 3
+
+
+def _choose_splits(batch: int, hkv: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Split the context only when batch x KV heads leaves the GPU under-filled and contexts are long."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 8
+    progs = batch * hkv
+    if progs >= 2 * sms or max_seq_len < 1024:
+        return 1
+    want = triton.cdiv(2 * sms, progs)
+    return max(1, min(want, max_seq_len // 256, 64))
+
+
+def paged_attention(
+    q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
+    *, max_query_len=None, max_seq_len=None, num_splits=None, config=None,
+):
+    """See paged_backend.kernels.paged_attention. num_splits / config override the heuristics (tests, bench)."""
+    t, hq, d = q.shape
+    _, _, block_size, hkv, _ = kv_cache.shape
+    g = hq // hkv
+    num_seqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if t == 0 or num_seqs == 0:
+        return out
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    dst = out if out.stride(2) == 1 else torch.empty_like(q)
+    if kv_cache.stride(4) != 1:
+        raise ValueError("kv_cache must be contiguous in its last (head_dim) dimension")
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    decode = max_query_len == 1
+    block_m, block_n, warps, stages = config or _launch_config(max_query_len, g, d, decode)
+    block_q = block_m // g
+    if num_splits is None:
+        num_splits = 1
+        if decode:
+            if max_seq_len is None:
+                max_seq_len = int(seq_lens.max())
+            num_splits = _choose_splits(num_seqs, hkv, max_seq_len, block_n, q.device)
+    elif num_splits > 1 and max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    split = num_splits > 1
+    if split and not decode:
+        raise ValueError("split-K runs only on decode-only batches (every query length 1)")
+    chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n if split else 0
+    if split:
+        num_splits = triton.cdiv(max_seq_len, chunk_len)
+        split = num_splits > 1
+    block_d = triton.next_power_of_2(d)
+    if split:
+        part_out = torch.empty(t, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
+        p_strides = part_out.stride()[:3]
+    else:
+        part_out = part_lse = out  # unused
+        p_strides = (0, 0, 0)
+    grid = (t // block_q + num_seqs, hkv, num_splits if split else 1)
+    _paged_attn_kernel[grid](
+        q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
+        scale * LOG2E, float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
+        q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        *p_strides,
+        G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages,
+    )
+    if split:
+        _split_reduce_kernel[(t, hq)](
+            part_out, part_lse, dst, num_splits,
+            *p_strides, dst.stride(0), dst.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    if dst is not out:
+        out.copy_(dst)
+    return out
