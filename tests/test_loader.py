@@ -276,6 +276,120 @@ def test_gguf_tensor_names():
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF: tiny models written with gguf.GGUFWriter the way llama.cpp's converter writes them
+
+
+_GGUF_PARTS = {  # HF module name -> GGUF name, as in llama.cpp's tensor naming scheme
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+}
+
+
+def _to_gguf_name(name: str, arch: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    parts = dict(_GGUF_PARTS)
+    if arch == "gemma2":
+        parts.update({"post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"})
+    else:
+        parts["post_attention_layernorm"] = "ffn_norm"
+    _, _, layer, rest = name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{parts[module]}.{kind}"
+
+
+def write_tiny_gguf(model, arch: str, path: Path, quant: str = "F32") -> None:
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    if arch == "gemma2":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
+        w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
+    for name, t in model.state_dict().items():
+        t = t.detach().float()
+        if arch == "gemma2" and name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp's converter stores Gemma norms as 1 + w
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+        data = t.numpy()
+        if t.ndim == 2 and quant == "F16":
+            w.add_tensor(_to_gguf_name(name, arch), data.astype(np.float16))
+        elif t.ndim == 2 and quant == "Q8_0":
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(_to_gguf_name(name, arch), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(_to_gguf_name(name, arch), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch,quant", [("llama", "F32"), ("qwen2", "F16"), ("gemma2", "Q8_0")])
+def test_tiny_gguf_roundtrip(tmp_path, arch, quant):
+    import gguf
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=50000.0))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, sliding_window=32, attn_logit_softcapping=40.0, final_logit_softcapping=20.0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.1)  # HF inits Gemma norms at 0; make them distinguishable
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_gguf(model, arch, path, quant)
+
+    source = resolve_model(str(path))
+    assert source.kind == "gguf" and source.origin == "gguf_file"
+    c, ref_c = source.hf_config, model.config
+    assert type(c) is type(ref_c)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(c, key) == getattr(ref_c, key), key
+    if arch == "gemma2":
+        assert (c.sliding_window, c.attn_logit_softcapping, c.final_logit_softcapping) == (32, 40.0, 20.0)
+        assert c.layer_types == ref_c.layer_types
+    ours = dict(iter_weights(source, torch.float32))
+    expected = model.state_dict()
+    assert set(ours) == set(expected)
+    for name, ref in expected.items():
+        ref = ref.float()
+        if ref.ndim == 2 and quant == "F16":
+            ref = ref.half().float()
+        if ref.ndim == 2 and quant == "Q8_0":
+            q = gguf.quants.quantize(ref.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            ref = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+        torch.testing.assert_close(ours[name], ref, rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
 # GGUF: SmolLM2 against transformers' own GGUF loading
 
 
@@ -370,6 +484,17 @@ def test_separate_tokenizer_argument(sharded_dir, smollm2):
     path, _ = sharded_dir
     tok = load_tokenizer(resolve_model(str(path)), tokenizer="smollm2-135m-instruct")
     assert tok("Hello world").input_ids == [19556, 905]
+
+
+@needs_smollm2
+def test_hf_dir_tokenizer_keeps_chat_template(sharded_dir, smollm2, tmp_path):
+    src, _ = sharded_dir
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    load_tokenizer(smollm2).save_pretrained(tmp_path)
+    tok = load_tokenizer(resolve_model(str(tmp_path)))
+    assert tok("Hello world").input_ids == [19556, 905]
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
 
 
 # ---------------------------------------------------------------------------------------------
