@@ -8,6 +8,7 @@ The stable interface; adapters import nothing else:
 """
 
 from paged_backend.args import EngineArgs
+from paged_backend.async_llm import AsyncLLM, EngineDeadError
 from paged_backend.engine.engine import EngineStats
 from paged_backend.llm import LLM
 from paged_backend.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -15,6 +16,8 @@ from paged_backend.params import SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
+    "EngineDeadError",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("PAGED_BACKEND_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 TINY_COMMON = dict(
     hidden_size=64,
