@@ -1,0 +1,181 @@
+"""The LLM API: sampling through the engine, n > 1 block sharing, stop handling, stats, and clear
+errors for bad input that leave the same LLM working."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from paged_backend import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with LLM(str(tiny_model_dir("llama")), dtype="float32", device="cpu", max_model_len=256) as llm:
+        yield llm
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 49152) for _ in range(n)]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    target = _ids(10, 0)
+    alone = llm.generate([target], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [_ids(5 + i, 100 + i) for i in range(6)]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = llm.generate(others[:3] + [target] + others[3:], [unseeded] * 3 + [params] + [unseeded] * 3, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+    other_seed = llm.generate([target], params.model_copy(update={"seed": 99}), use_tqdm=False)
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt_blocks(llm):
+    prompt = _ids(40, 1)  # 2 full blocks + a partial one (block_size 16)
+    n = 4
+    params = SamplingParams(n=n, temperature=1.0, seed=7, max_tokens=30, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request(prompt, params, request_id="fork")
+    engine.step()  # prefill + fork: every sibling shares all 3 prompt blocks
+    s = llm.stats()
+    assert s.num_running == n
+    assert s.num_blocks_used == 3, "siblings must share the prompt's blocks"
+    engine.step()  # each sibling writes into the shared partial block: copy-on-write
+    s = llm.stats()
+    assert s.num_blocks_used == 2 + n, "2 shared full blocks + one private copy of the partial block each"
+    outs = []
+    while engine.has_unfinished_requests():
+        outs.extend(o for o in engine.step() if o.finished)
+    (out,) = outs
+    assert [c.index for c in out.outputs] == list(range(n))
+    assert all(len(c.token_ids) == 30 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1, "siblings sampled identically"
+    assert llm.stats().num_blocks_used == 0
+
+
+def test_greedy_n_and_logprobs(llm):
+    out = llm.generate([_ids(8, 2)], SamplingParams(temperature=0, max_tokens=5, logprobs=3, n=2), use_tqdm=False)[0]
+    a, b = out.outputs
+    assert a.token_ids == b.token_ids
+    assert len(a.logprobs) == 5 and all(len(d) >= 3 for d in a.logprobs)
+    for tok, d in zip(a.token_ids, a.logprobs):
+        assert tok in d and d[tok] == max(d.values())  # greedy picks the most likely token
+    assert a.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(a.token_ids, a.logprobs)), rel=1e-4)
+
+
+def test_stop_strings_and_token_ids(llm):
+    base = llm.generate([_ids(6, 3)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    text, ids = base.outputs[0].text, base.outputs[0].token_ids
+    stop_tok = ids[5]
+    out = llm.generate([_ids(6, 3)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                    stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    assert out.token_ids == ids[: ids.index(stop_tok) + 1]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    if stop.strip():
+        out = llm.generate([_ids(6, 3)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[: text.index(stop)]
+
+
+def test_stats_report_kv_waste_and_prefix_hits(llm):
+    p = _ids(50, 4)
+    llm.generate([p], SamplingParams(max_tokens=2), use_tqdm=False)
+    before = llm.stats().prefix_cache_hit_tokens
+    out = llm.generate([p + [5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 48
+    s = llm.stats()
+    assert s.prefix_cache_hit_tokens - before == 48 and 0 < s.prefix_cache_hit_rate <= 1
+    assert s.num_blocks_cached >= 3 and s.num_blocks_used == 0
+    llm.engine.add_request(_ids(20, 5), SamplingParams(max_tokens=3), request_id="w")
+    llm.engine.step()
+    s = llm.stats()
+    assert s.kv_slots_allocated == 32 and s.kv_slots_holding_tokens == 20
+    llm.engine.abort_request("w")
+    assert llm.stats().num_blocks_used == 0
+
+
+BAD = [
+    ("", None, "empty"),
+    ([], None, "empty"),
+    ("x " * 300, None, "max_model_len"),
+    ("hi", dict(max_tokens=0), "max_tokens"),
+    ("hi", dict(temperature=-0.5), "temperature"),
+    ("hi", dict(top_p=0.0), "top_p"),
+    ("hi", dict(top_p=1.5), "top_p"),
+    ("hi", dict(n=0), "n"),
+    ("hi", dict(stop=5), "stop"),
+    ("hi", dict(stop=["ok", 3]), "stop"),
+    ([10**9], None, "token ids"),
+]
+
+
+@pytest.mark.parametrize("prompt,params,word", BAD)
+def test_bad_input_raises_clearly_and_llm_keeps_working(llm, prompt, params, word):
+    with pytest.raises((ValueError, TypeError, ValidationError)) as e:
+        llm.generate([prompt], SamplingParams(**params) if params else None, use_tqdm=False)
+    assert word in str(e.value)
+    assert llm.stats().num_blocks_used == 0 and llm.stats().num_waiting == 0
+    ok = llm.generate(["still works"], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert ok[0].finished and ok[0].outputs[0].token_ids
+
+
+def test_bad_batch_leaves_no_half_submitted_requests(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine", "", "fine too"], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "messages,word",
+    [
+        ([{"content": "hi"}], "role"),
+        ([{"role": "user"}], "content"),
+        ([{"role": "user", "content": None}], "content"),
+        ([], "conversation"),
+        (["hi"], "dict"),
+    ],
+)
+def test_bad_chat_messages(llm, messages, word):
+    with pytest.raises(ValueError) as e:
+        llm.chat(messages, use_tqdm=False) if messages else llm.chat([messages], use_tqdm=False)
+    assert word in str(e.value)
+
+
+def test_bad_models_are_named(tmp_path):
+    with pytest.raises(Exception) as e:
+        LLM("no-such-model-anywhere-42", device="cpu")
+    assert "no-such-model-anywhere-42" in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception) as e:
+        LLM(str(tmp_path / "empty"), device="cpu")
+    assert "config.json" in str(e.value)
+
+
+def test_corrupt_safetensors_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tiny_model_dir("qwen2")
+    dst = tmp_path / "corrupt"
+    shutil.copytree(src, dst)
+    st = next(dst.glob("*.safetensors"))
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(Exception) as e:
+        LLM(str(dst), device="cpu")
+    assert st.name in str(e.value)
+
+
+def test_cli_generate_answers_paris():
+    r = subprocess.run(
+        [sys.executable, "-m", "paged_backend.cli", "generate", "--max-tokens", "24", "What is the capital of France?"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
