@@ -2,7 +2,7 @@
 
     paged-backend generate "What is the capital of France?"
     paged-backend chat --model smollm2-135m-instruct
-    paged-backend bench --model llama-3.2-1b-shape --load-format dummy
+    paged-backend bench --model llama-3.2-1b --peer hf
 """
 
 from __future__ import annotations
@@ -126,12 +126,10 @@ def main(argv=None) -> int:
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
 
-    b = sub.add_parser("bench", help="throughput on workload A (random prompts, fixed output length)")
-    _engine_flags(b)
-    b.add_argument("--num-prompts", type=int, default=256)
-    b.add_argument("--output-len", type=int, default=256)
-    b.add_argument("--min-input-len", type=int, default=100)
-    b.add_argument("--max-input-len", type=int, default=1024)
+    b = sub.add_parser("bench", help="throughput on workload A (random prompts, fixed output length, dummy weights)")
+    from paged_backend.bench import add_arguments
+
+    add_arguments(b)
     b.set_defaults(func=cmd_bench)
 
     a = parser.parse_args(argv)
