@@ -39,19 +39,24 @@ SHAPES = {
 FLOOR_SECONDS = {"llama-3.2-1b": 1.2}  # DESIGN.md: bandwidth/compute floor of workload A on the H100
 
 
-def make_model_dir(shape: str, path: Path) -> Path:
-    """config.json at the shape, and a real word-level tokenizer covering the whole vocabulary."""
+def word_level_tokenizer(vocab_size: int):
+    """A real fast tokenizer whose tokens are t0..t{vocab_size-1}: any token id decodes."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1",
+                                                unk_token="t2", pad_token="t2")
+
+
+def make_model_dir(shape: str, path: Path) -> Path:
+    """config.json at the shape, and a word-level tokenizer covering the whole vocabulary."""
+    import transformers
+
     cls_name, fields = SHAPES[shape]
     getattr(transformers, cls_name)(**fields).save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(fields["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t2",
-                                                pad_token="t2")
-    fast.save_pretrained(path)
+    word_level_tokenizer(fields["vocab_size"]).save_pretrained(path)
     return path
 
 

@@ -54,7 +54,7 @@ def save_tiny_model(kind: str, path: Path, tokenizer, max_shard_size=None) -> Pa
 
     torch.manual_seed(0)
     cfg = tiny_config(kind)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Spread the random weights a bit so that the argmax is not a near-tie everywhere.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,7 +92,7 @@ def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> l
     """Reference: transformers generate, fp32, one prompt at a time (no padding effects)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     outs = []
     with torch.no_grad():
