@@ -148,15 +148,21 @@ def _paged_attn_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DIRECT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    b = _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q)
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    qb = pid - (q_start // BLOCK_Q + b)
+    if DIRECT:  # every sequence has exactly one new token: program i is sequence i, no search
+        b = pid
+        q_start = pid
+        q_len = 1
+        qb = 0
+    else:
+        b = _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        qb = pid - (q_start // BLOCK_Q + b)
     if qb * BLOCK_Q < q_len:
         seq_len = tl.load(seq_lens_ptr + b)
         first_pos = seq_len - q_len  # position of the sequence's first new token
@@ -343,7 +349,8 @@ def paged_attention(
     else:
         part_out = part_lse = out  # unused
         p_strides = (0, 0, 0)
-    grid = (t // block_q + num_seqs, hkv, num_splits if split else 1)
+    direct = decode and t == num_seqs  # one token per sequence (a decode step): grid is one program per sequence
+    grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits if split else 1)
     _paged_attn_kernel[grid](
         q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
         scale * LOG2E, float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
@@ -354,7 +361,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16, DIRECT=direct,
         num_warps=warps, num_stages=stages,
     )
     if split:

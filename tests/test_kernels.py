@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 
 import pytest
 import torch
@@ -195,3 +196,120 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="impl"):
         kernels.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
                                 batch["query_start_loc"], 1.0, impl="cuda")
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU) vs reference
+
+
+def _triton_vs_reference(batch, scale, window=None, softcap=None, **kw):
+    got = run_attention(batch, scale, "triton", window, softcap, **kw)
+    ref = run_attention(batch, scale, "reference", window, softcap)
+    err = rel_err(got, ref)
+    assert err <= TOL[batch["q"].dtype], f"relative error {err:.2e}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)])
+def test_triton_mixed_batch(dtype, hq, hkv):
+    """Decode + prefill-with-prefix + fresh prefill + chunked prefill in one batch, GQA 1/4/8."""
+    seed = zlib.crc32(f"{dtype}{hq}{hkv}".encode())
+    batch = make_batch(*MIXED, hq, hkv, 64, dtype=dtype, seed=seed)
+    _triton_vs_reference(batch, 64**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,softcap", [(23, None), (None, 30.0), (40, 10.0)])
+def test_triton_window_softcap(dtype, window, softcap):
+    # contexts over several 64-key tiles so the unmasked-tile loop and the window's lower edge both run
+    batch = make_batch([1, 30, 1, 5], [150, 130, 70, 200], 8, 2, 64, dtype=dtype, seed=17)
+    _triton_vs_reference(batch, 0.1, window, softcap)
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(128, 4, 1), (256, 2, 2), (80, 6, 3)])
+def test_triton_head_dims(d, hq, hkv):
+    batch = make_batch([1, 9, 1], [33, 40, 70], hq, hkv, d, seed=d)
+    _triton_vs_reference(batch, d**-0.5)
+
+
+@pytest.mark.parametrize("block_size", [8, 32, 128])
+def test_triton_block_sizes(block_size):
+    batch = make_batch([3, 1, 12], [45, 90, 12], 8, 2, 64, block_size=block_size, seed=block_size)
+    _triton_vs_reference(batch, 0.125, pass_max=False)
+
+
+@pytest.mark.parametrize("num_splits,window", [(3, None), (5, 50), (None, None)])
+def test_triton_split_k_decode(num_splits, window):
+    """Decode-only batch through the flash-decoding path: split partials + reduce kernel.
+
+    num_splits=None: the heuristic itself picks a split for a small batch with a 1.1k context."""
+    lens = [300, 17, 129] if num_splits else [1100]
+    batch = make_batch([1] * len(lens), lens, 8, 2, 64, seed=len(lens) + (window or 0))
+    mod = kernels._triton_module(interpret=True)
+    if num_splits is None:
+        assert mod._choose_splits(1, 2, 1100, 64, batch["q"].device) > 1
+    kw = {} if num_splits is None else {"num_splits": num_splits}
+    out = torch.full_like(batch["q"], float("nan"))
+    mod.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
+                        batch["query_start_loc"], 0.125, window, None, out, max_query_len=1,
+                        max_seq_len=max(lens), **kw)
+    ref = run_attention(batch, 0.125, "reference", window)
+    assert rel_err(out, ref) <= 1e-3
+
+
+def test_triton_strided_q_and_empty_sequence():
+    """q as a view into a fused projection; a sequence with no new tokens this step is skipped."""
+    batch = make_batch([2, 0, 4], [10, 7, 20], 4, 2, 32, seed=9)
+    fused = torch.randn(6, 3 * 4 * 32)
+    batch["q"] = fused[:, : 4 * 32].view(6, 4, 32)
+    batch["q_lens"] = [2, 4]
+    batch["ctx_lens"] = [10, 20]
+    got = run_attention(batch, 0.2, "triton")
+    batch["dense_k"].pop(1)
+    batch["dense_v"].pop(1)
+    assert rel_err(got, oracle(batch, 0.2)) < 1e-5
+
+
+# ---------------------------------------------------------------- GPU (real Triton compile)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_triton_matches_reference(dtype, d):
+    q_lens = [1, 200, 1, 37, 1, 512]
+    ctx = [3000, 700, 17, 37, 1500, 1000]
+    batch = make_batch(q_lens, ctx, 32, 8, d, dtype=dtype, device="cuda", seed=d)
+    for window, softcap in [(None, None), (256, None), (None, 50.0)]:
+        got = run_attention(batch, d**-0.5, "triton", window, softcap)
+        ref = run_attention(batch, d**-0.5, "reference", window, softcap)
+        assert rel_err(got, ref) <= TOL[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_split_k_decode(dtype):
+    lens = [5000, 31, 2048, 777]
+    batch = make_batch([1] * 4, lens, 32, 8, 128, dtype=dtype, device="cuda", seed=4)
+    got = run_attention(batch, 128**-0.5, "triton")  # 4 seqs x 8 heads: the heuristic splits
+    ref = run_attention(batch, 128**-0.5, "reference")
+    assert rel_err(got, ref) <= TOL[dtype]
+
+
+@gpu
+@needs_cuda
+def test_gpu_store_kv():
+    cache = torch.randn(64, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    expect = cache.clone()
+    k = torch.randn(100, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(64 * 16, device="cuda")[:100]
+    slots[::7] = -1
+    kernels.store_kv(k, v, cache, slots)
+    reference.store_kv(k, v, expect, slots)
+    assert torch.equal(cache, expect)
