@@ -121,9 +121,7 @@ def _from_dir(directory: Path, name: str, origin: str, load_format: str) -> Mode
     except Exception as exc:
         raise ModelLoadError(f"could not read {directory / 'config.json'}: {exc}") from exc
     config = full_config.get_text_config()
-    composite = config is not full_config
-    if composite and not getattr(config, "architectures", None):
-        config.architectures = None
+    composite = config is not full_config  # e.g. a vision-language checkpoint: keep its text model
 
     weight_files: list[Path] = []
     weights_format = "none"
