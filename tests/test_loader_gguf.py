@@ -302,6 +302,7 @@ def test_gemma3_config(gemma3):
     assert rope["full_attention"]["rope_theta"] == pytest.approx(1e6)
     assert rope["full_attention"]["rope_type"] == "default"
     assert rope["sliding_attention"]["rope_theta"] == pytest.approx(1e4)
+    assert gemma3.eos_token_ids == [1, 106]  # <eos>, <end_of_turn>: as google/gemma-3-270m's generation_config
 
 
 @needs_gemma3

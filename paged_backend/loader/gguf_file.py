@@ -88,6 +88,20 @@ class GGUFFile:
             self.metadata[key] = value
         return value
 
+    def find_string(self, key: str, text: str, limit: int = 1024) -> int | None:
+        """Index of ``text`` among the first ``limit`` entries of a string array, decoding only those."""
+        value = self.metadata.get(key)
+        if isinstance(value, list):
+            return value.index(text) if text in value[:limit] else None
+        if not isinstance(value, _LazyStrings):
+            return None
+        pos = value.offset
+        for i in range(min(limit, value.count)):
+            s, pos = _read_str(self._map, pos)
+            if s == text:
+                return i
+        return None
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's stored bytes (quantized types) or values (F32/F16/...), memory-mapped."""
         info = self.tensors[name]

@@ -76,8 +76,11 @@ def _from_gguf(path: Path, name: str, origin: str, load_format: str) -> ModelSou
     gf = read_gguf(path)
     config = gguf_to_hf_config(gf)
     eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else []
-    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        value = gf.get(key)
+    extra = [gf.get("tokenizer.ggml.eot_token_id"), gf.get("tokenizer.ggml.eom_token_id")]
+    if gf.architecture.startswith("gemma"):
+        # Gemma's turn end; HF's generation_config lists it with <eos>, llama.cpp finds it by its text.
+        extra.append(gf.find_string("tokenizer.ggml.tokens", "<end_of_turn>"))
+    for value in extra:
         if value is not None and int(value) not in eos:
             eos.append(int(value))
     return ModelSource(
