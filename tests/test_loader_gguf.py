@@ -118,6 +118,12 @@ def write_tiny_gguf(model, arch: str, path: Path, quant: str = "F32") -> None:
         w.add_sliding_window(cfg.sliding_window)
         w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
         w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
+    if arch == "llama" and cfg.rope_parameters.get("rope_type") == "llama3":
+        # llama.cpp stores llama3 rope scaling as per-frequency divisors of the default frequencies.
+        plain = transformers.LlamaConfig(**{**cfg.to_dict(), "rope_scaling": None, "rope_parameters": None,
+                                            "rope_theta": cfg.rope_parameters["rope_theta"]})
+        default_inv = transformers.LlamaForCausalLM(plain).model.rotary_emb.inv_freq
+        w.add_tensor("rope_freqs.weight", (default_inv / model.model.rotary_emb.inv_freq).float().numpy())
     for name, t in model.state_dict().items():
         t = t.detach().float()
         if arch == "gemma2" and name.endswith("norm.weight"):
@@ -148,7 +154,9 @@ def test_tiny_gguf_roundtrip(tmp_path, arch, quant):
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=50000.0))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128}))
     elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
@@ -171,6 +179,10 @@ def test_tiny_gguf_roundtrip(tmp_path, arch, quant):
     if arch == "gemma2":
         assert (c.sliding_window, c.attn_logit_softcapping, c.final_logit_softcapping) == (32, 40.0, 20.0)
         assert c.layer_types == ref_c.layer_types
+    if arch == "llama":
+        assert c.rope_parameters["rope_type"] == "llama3" and c.rope_parameters["factor"] == 8.0
+        rebuilt = transformers.LlamaForCausalLM(c).model.rotary_emb.inv_freq
+        torch.testing.assert_close(rebuilt, model.model.rotary_emb.inv_freq, rtol=1e-5, atol=0)
     ours = dict(iter_weights(source, torch.float32))
     expected = model.state_dict()
     assert set(ours) == set(expected)

@@ -54,6 +54,8 @@ def gguf_to_hf_config(gf: GGUFFile) -> transformers.PretrainedConfig:
         **_special_token_ids(gf),
     )
     rope_scaling = _rope_scaling(meta)
+    if rope_scaling is None and "rope_freqs.weight" in gf.tensors:
+        rope_scaling = _llama3_rope_scaling(gf, common["rope_theta"], int(head_dim))
 
     if arch in ("llama", "mistral"):
         is_mistral = arch == "mistral" or "mistral" in str(gf.get("general.name", "")).lower()
@@ -138,6 +140,34 @@ def _rope_scaling(meta) -> dict[str, Any] | None:
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
+
+
+def _llama3_rope_scaling(gf: GGUFFile, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """Llama 3.1+ files carry per-frequency rope divisors (``rope_freqs``) instead of the llama3
+    rope parameters HF needs; find the parameters that reproduce the divisors."""
+    from gguf.quants import dequantize
+
+    info = gf.tensors["rope_freqs.weight"]
+    stored = dequantize(gf.raw("rope_freqs.weight"), info.qtype).reshape(-1).astype(np.float64)
+    factor = float(stored.max())
+    for original in (8192, *(2**k for k in range(7, 18) if 2**k != 8192)):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (0.5, 4.0)):
+            if np.allclose(_llama3_divisors(theta, head_dim, factor, low, high, original), stored, rtol=1e-4):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise ModelLoadError(
+        f"{gf.path}: its rope_freqs tensor matches no llama3 rope parameters this loader knows; "
+        "load the original HF checkpoint instead"
+    )
+
+
+def _llama3_divisors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    # Llama 3.1 rope: long wavelengths slowed down by ``factor``, short ones kept, a smooth
+    # blend between original/low and original/high wavelengths.
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1 - smooth) / factor + smooth)
 
 
 def _layer_types(pattern: Any, n_layers: int, period: int) -> list[str]:
