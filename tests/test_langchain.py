@@ -126,6 +126,11 @@ def test_generation_info_usage_and_kwargs_override(tiny):
     assert a == tiny.invoke("Hello there", temperature=1.0, seed=7)
     with pytest.raises(ValueError, match="unknown generation argument"):
         tiny.invoke("Hello there", not_a_param=1)
+    # n completions per prompt, as n Generations
+    two = tiny.generate(["Hello there"], n=2, temperature=1.0, seed=3).generations[0]
+    assert len(two) == 2 and all(g.generation_info["completion_tokens"] == 12 for g in two)
+    with pytest.raises(ValueError, match="n=1"):
+        list(tiny.stream("Hello there", n=2))
 
 
 def test_stop_sequences_cut_the_output(tiny):
@@ -202,6 +207,8 @@ def test_engine_sharing_and_construction(tiny, tiny_dir):
     ident = tiny._identifying_params
     assert ident["model"] == tiny_dir and ident["temperature"] == 0 and ident["max_tokens"] == 12
     assert tiny._llm_type == "paged-backend"
+    ls = tiny._get_ls_params(stop=["x"])
+    assert ls["ls_provider"] == "paged_backend" and ls["ls_model_name"] == tiny_dir and ls["ls_stop"] == ["x"]
     assert isinstance(tiny.async_engine, AsyncLLM)
     with pytest.raises(TypeError, match="AsyncLLM"):  # the offline LLM cannot stream
         PagedBackendLLM(engine=LLM.__new__(LLM))
