@@ -1,0 +1,330 @@
+"""The OpenAI HTTP protocol as pydantic models: requests (with vLLM's sampling extras), responses,
+errors, and the mapping of a request onto `SamplingParams`.
+
+Framework-free on purpose: the BentoML service mounts the routes of `openai_server`, which use
+these models; another framework could reuse both.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from paged_backend import SamplingParams
+
+
+# ---- errors ---------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error the client caused (or could act on), rendered in OpenAI's error format."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_validation(cls, e: ValidationError, prefix: str = "") -> "APIError":
+        parts, param = [], None
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+            param = param or (prefix + loc if loc else None)
+            msg = err.get("msg", "invalid value")
+            parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+        return cls("; ".join(parts) or str(e), param=param)
+
+
+# ---- requests -------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI clients add new ones
+    over time; fields that would change the output but are not implemented are refused."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = Field(1, ge=1, le=128)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    # vLLM's extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    min_tokens: Optional[int] = None
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        given = {
+            "n": self.n, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "stop": self.stop, "seed": self.seed, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens, "stop_token_ids": self.stop_token_ids, "logprobs": logprobs,
+            "skip_special_tokens": self.skip_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+        }
+        kept = {k: v for k, v in given.items() if v is not None or k == "max_tokens"}
+        try:
+            return SamplingParams(**kept)
+        except ValidationError as e:
+            raise APIError.from_validation(e) from None
+        except ValueError as e:
+            raise APIError(str(e)) from None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str = Field(min_length=1)
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: only text is understood by a text model
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"message content part of type {part.get('type')!r} is not supported; "
+                                   "only {'type': 'text', 'text': ...} parts are", param="messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        msg: dict[str, Any] = {"role": self.role, "content": content}
+        if self.name:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.tools:
+            raise ValueError("tools (function calling) are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; only 'text' is")
+        return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        k = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, k)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs (prompt logprobs) is not supported by this server")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            out: list = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            out = [list(p)]
+        else:
+            out = list(p)
+        if not out or any(len(x) == 0 for x in out):
+            raise APIError("prompt must be a non-empty string, a list of them, or non-empty token id lists",
+                           param="prompt")
+        return out
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+def parse_request(cls: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise APIError.from_validation(e) from None
+
+
+# ---- responses ------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    """Also each streamed chunk (OpenAI uses the same object for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "paged-backend"
+    root: Optional[str] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(obj: Union[BaseModel, dict, str]) -> str:
+    """One server-sent event: `data: <json>\\n\\n` (or the literal [DONE])."""
+    if isinstance(obj, BaseModel):
+        payload = obj.model_dump_json()
+    elif isinstance(obj, dict):
+        import json
+
+        payload = json.dumps(obj)
+    else:
+        payload = obj
+    return f"data: {payload}\n\n"
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+class LogprobFormatter:
+    """Per-token logprob dicts (id -> logprob, the sampled id included) in OpenAI's two shapes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def token(self, tid: int) -> str:
+        s = self._cache.get(tid)
+        if s is None:
+            s = self._cache[tid] = self.tokenizer.decode([tid])
+        return s
+
+    @staticmethod
+    def _top(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
+        return sorted(lps.items(), key=lambda kv: -kv[1])[:k]
+
+    def chat(self, ids: list[int], lps: list[dict[int, float]], k: int) -> dict[str, Any]:
+        content = []
+        for tid, d in zip(ids, lps):
+            s = self.token(tid)
+            content.append({
+                "token": s, "logprob": d.get(tid, float("-inf")), "bytes": list(s.encode("utf-8")),
+                "top_logprobs": [{"token": self.token(t), "logprob": lp, "bytes": list(self.token(t).encode("utf-8"))}
+                                 for t, lp in self._top(d, k)],
+            })
+        return {"content": content}
+
+    def completion(self, ids: list[int], lps: list[dict[int, float]], k: int, offset: int) -> dict[str, Any]:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, d in zip(ids, lps):
+            s = self.token(tid)
+            tokens.append(s)
+            token_lps.append(d.get(tid, float("-inf")))
+            tops.append({self.token(t): lp for t, lp in self._top(d, k)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

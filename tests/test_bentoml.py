@@ -1,0 +1,313 @@
+"""The BentoML service end to end: a real `bentoml serve` process on 127.0.0.1, driven with the
+official `openai` client (and httpx for what the client does not expose)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+bentoml = pytest.importorskip("bentoml")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE = "paged_backend.adapters.bentoml:PagedLLMService"
+STARTUP_TIMEOUT_S = 180
+REQUEST_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve` in its own process group; stopped by its PID (group) in `stop()`."""
+
+    def __init__(self, tmp: Path, name: str, args: dict[str, str]):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"{name}.log"
+        home = tmp / "bentoml-home"
+        home.mkdir(exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", TOKENIZERS_PARALLELISM="false",
+            PAGED_BACKEND_TEST_THREADS=os.environ.get("PAGED_BACKEND_TEST_THREADS", "1"),
+            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        )
+        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in args.items():
+            cmd += ["--arg", f"{k}={v}"]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+
+    def wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"bentoml serve was not ready within {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def client(self, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                             timeout=REQUEST_TIMEOUT_S, **kw)
+
+    def async_client(self) -> "openai.AsyncOpenAI":
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S)
+
+    def stats(self) -> dict:
+        r = httpx.get(f"{self.url}/stats", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_model_dir, request):
+    """Both servers start at once (their start-up overlaps): a tiny random llama and SmolLM2."""
+    tmp = tmp_path_factory.mktemp("bentoml")
+    tiny_dir = tiny_model_dir("llama")
+    started: dict[str, Server] = {}
+    request.addfinalizer(lambda: [s.stop() for s in started.values()])
+    started["tiny"] = Server(tmp, "tiny", {"model": str(tiny_dir), "dtype": "float32", "device": "cpu",
+                                           "served_model_name": "tiny", "max_model_len": "512"})
+    started["smollm"] = Server(tmp, "smollm", {"model": "smollm2-135m-instruct", "dtype": "float32",
+                                               "device": "cpu", "max_model_len": "1024"})
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    for s in started.values():
+        s.wait_ready(deadline)
+    started["tiny"].model_dir = tiny_dir
+    return started
+
+
+@pytest.fixture(scope="module")
+def tiny(servers) -> Server:
+    return servers["tiny"]
+
+
+@pytest.fixture(scope="module")
+def smollm(servers) -> Server:
+    return servers["smollm"]
+
+
+def _wait_idle(server: Server, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.stats()
+        if st["num_blocks_used"] == 0 and st["num_running"] == 0 and st["num_waiting"] == 0:
+            return st
+        if time.monotonic() > deadline:
+            pytest.fail(f"requests still hold KV blocks {timeout} s later: {st}")
+        time.sleep(0.1)
+
+
+HI = [{"role": "user", "content": "Say hi to the test suite."}]
+
+
+def test_models_health_and_stats_routes(tiny):
+    models = tiny.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    health = httpx.get(f"{tiny.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    st = tiny.stats()
+    assert st["num_blocks_total"] > 0 and st["num_blocks_used"] == 0
+
+
+def test_chat_stream_deltas_concatenate_to_the_greedy_answer(tiny):
+    client = tiny.client()
+    full = client.chat.completions.create(model="tiny", messages=HI, max_tokens=12, temperature=0)
+    answer = full.choices[0].message.content
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason == "length" and answer
+    assert full.usage.completion_tokens == 12 and full.usage.prompt_tokens > 5
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=HI, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].delta.role == "assistant"
+    assert len(content) > 3, "not streamed token by token"
+    assert "".join(c.choices[0].delta.content or "" for c in content) == answer
+    assert content[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_prompt_forms_echo_logprobs_and_stream(tiny):
+    client = tiny.client()
+    one = client.completions.create(model="tiny", prompt="The weather today is", max_tokens=6, temperature=0)
+    text = one.choices[0].text
+    assert one.object == "text_completion" and one.usage.completion_tokens == 6 and text
+
+    streamed = client.completions.create(model="tiny", prompt="The weather today is", max_tokens=6,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+    many = client.completions.create(model="tiny", prompt=["The weather today is", "Once upon"], max_tokens=6,
+                                     temperature=0, echo=True)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[0].text == "The weather today is" + text
+    assert many.choices[1].text.startswith("Once upon")
+
+    ids = [504, 3458, 1789, 314]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+    assert by_ids.usage.prompt_tokens == len(ids)
+    lp = by_ids.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == by_ids.choices[0].text
+    for tok, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert tok_lp <= 0 and len(top) == 2
+        assert tok_lp == pytest.approx(max(top.values())), "greedy: the sampled token is the most likely one"
+
+
+def test_n2_chat_and_seeded_stream_reproduces_it(tiny):
+    client = tiny.client()
+    kw = dict(model="tiny", messages=HI, max_tokens=8, temperature=1.0, seed=1234, n=2)
+    full = client.chat.completions.create(**kw)
+    assert sorted(c.index for c in full.choices) == [0, 1]
+    assert 2 <= full.usage.completion_tokens <= 16
+    texts = {c.index: "" for c in full.choices}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == {c.index: c.message.content for c in full.choices}, "same seed, same samples"
+
+
+def test_bad_requests_get_400_while_a_good_request_completes(tiny):
+    async def main():
+        client = tiny.async_client()
+        good = asyncio.ensure_future(client.chat.completions.create(
+            model="tiny", messages=HI, max_tokens=48, temperature=0, extra_body={"ignore_eos": True}))
+        errors = {}
+        for name, kw in {
+            "temperature": dict(messages=HI, temperature=-1),
+            "messages": dict(messages=[]),
+            "top_logprobs": dict(messages=HI, top_logprobs=3),
+        }.items():
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(model="tiny", max_tokens=4, **kw)
+            errors[name] = e.value
+        with pytest.raises(openai.BadRequestError) as too_long:
+            await client.completions.create(model="tiny", prompt=[5] * 600, max_tokens=4)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.chat.completions.create(model="gpt-17", messages=HI, max_tokens=4)
+        done = await good
+        await client.close()
+        return errors, too_long.value, unknown.value, done
+
+    errors, too_long, unknown, done = asyncio.run(main())
+    for name, err in errors.items():
+        assert err.status_code == 400
+        body = err.body  # openai gives the "error" object
+        assert body["type"] == "invalid_request_error" and name in body["message"], body
+    assert "temperature" in errors["temperature"].body["param"]
+    assert too_long.status_code == 400 and "512" in too_long.body["message"], too_long.body
+    assert unknown.status_code == 404 and unknown.body["code"] == "model_not_found"
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 48
+    bad_json = httpx.post(f"{tiny.url}/v1/completions", content=b"{not json", timeout=10,
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    _wait_idle(tiny)
+
+
+def test_32_concurrent_streams_equal_offline_greedy(tiny):
+    from paged_backend import LLM, SamplingParams
+
+    prompts = [f"Request number {i} says" + " hello" * (i % 5) for i in range(32)]
+    with LLM(str(tiny.model_dir), dtype="float32", device="cpu") as offline:
+        outs = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    expected = [o.outputs[0].text for o in outs]
+
+    async def one(client, prompt):
+        text, n_chunks = "", 0
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            n_chunks += 1
+            text += chunk.choices[0].text if chunk.choices else ""
+        return text, n_chunks
+
+    async def main():
+        client = tiny.async_client()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), REQUEST_TIMEOUT_S)
+        finally:
+            await client.close()
+
+    before = tiny.stats()["max_seqs_in_step"]
+    results = asyncio.run(main())
+    assert [t for t, _ in results] == expected
+    assert all(n > 2 for _, n in results)
+    assert tiny.stats()["max_seqs_in_step"] >= max(before, 8), "the streams did not share batches"
+    _wait_idle(tiny)
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(tiny):
+    client = tiny.client()
+    before = tiny.stats()["total_generated_tokens"]
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=400, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    during = tiny.stats()
+    assert during["num_running"] == 1 and during["num_blocks_used"] > 0
+    stream.close()  # the client goes away
+    after = _wait_idle(tiny)
+    assert after["total_generated_tokens"] - before < 400, "the request ran to the end instead of being aborted"
+
+    # A non-streamed request whose client gives up is aborted too.
+    before = after["total_generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{tiny.url}/v1/chat/completions", timeout=1.5,
+                   json={"model": "tiny", "messages": HI, "max_tokens": 400, "ignore_eos": True})
+    after = _wait_idle(tiny)
+    assert after["total_generated_tokens"] - before < 400
+
+
+def test_bentoml_generate_api_streams_text(tiny):
+    r = httpx.post(f"{tiny.url}/generate", json={"prompt": "The weather today is", "max_tokens": 6}, timeout=60)
+    assert r.status_code == 200
+    same = tiny.client().completions.create(model="tiny", prompt="The weather today is", max_tokens=6, temperature=0)
+    assert r.text == same.choices[0].text
+
+
+def test_smollm_knows_the_capital_of_france(smollm):
+    client = smollm.client()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=24,
+                                         temperature=0)
+    answer = out.choices[0].message.content
+    assert "Paris" in answer, answer
+    streamed = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=24,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer
