@@ -111,7 +111,7 @@ class LLM:
         start, in_toks, out_toks = time.perf_counter(), 0, 0
         try:
             while any(r is None for r in results):
-                for out in engine.step():
+                for out in engine.step(emit_unfinished=False):
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
                         in_toks += len(out.prompt_token_ids)

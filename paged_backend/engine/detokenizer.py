@@ -16,6 +16,10 @@ _PROMPT_CONTEXT_TOKENS = 5
 class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # Fast tokenizers: call the Rust decoder directly (the Python wrapper costs more than the
+        # decoding itself at hundreds of sequences a step), with the same clean-up as decode().
+        self._backend = getattr(tokenizer, "_tokenizer", None)
+        self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
 
     def start(self, seq: Sequence) -> None:
         n = seq.num_prompt_tokens
@@ -23,7 +27,10 @@ class Detokenizer:
         seq.read_offset = n
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._backend is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.clean_up_tokenization(text) if self._cleanup else text
 
     def update(self, seq: Sequence) -> str | None:
         """Decode seq's newest tokens into seq.text. Returns the stop string that ends seq, if any."""
@@ -40,7 +47,7 @@ class Detokenizer:
     def _check_stop(self, seq: Sequence, old_len: int) -> str | None:
         params = seq.params
         stops = params.stop_strings
-        if not stops or len(seq.text) == old_len or len(seq.output_token_ids) < params.min_tokens:
+        if not stops or len(seq.text) == old_len or seq.num_output_tokens < params.min_tokens:
             return None
         longest = max(len(s) for s in stops)
         search_from = max(0, old_len - longest + 1)
@@ -64,7 +71,6 @@ class Detokenizer:
         end = max(seq.emitted_text_len, len(seq.text) - hold)
         text = seq.text[seq.emitted_text_len : end]
         seq.emitted_text_len = end
-        out = seq.output_token_ids
-        ids = out[seq.emitted_token_len :]
-        seq.emitted_token_len = len(out)
+        ids = seq.token_ids[seq.num_prompt_tokens + seq.emitted_token_len :]
+        seq.emitted_token_len = seq.num_output_tokens
         return text, ids

@@ -138,7 +138,9 @@ class Engine:
         return bool(self.requests)
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
+        """Run one batch. Returns the outputs of the requests it advanced (only the finished ones
+        when emit_unfinished is False: the offline API needs nothing else)."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.has_work():
@@ -173,7 +175,15 @@ class Engine:
             for k, seq in enumerate(row_seqs):
                 self._append_token(seq, out.token_ids[k], out.logprobs[k], out.top_logprobs[k], now)
                 touched[seq.request.request_id] = seq.request
-        return [self._finish_or_report(req) for req in touched.values()]
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = time.time()
+                self.requests.pop(req.request_id, None)
+                outputs.append(self._make_output(req, finished=True))
+            elif emit_unfinished:
+                outputs.append(self._make_output(req, finished=False))
+        return outputs
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """seq plus, the first time its prompt completes, its n-1 siblings sharing its blocks."""
@@ -192,10 +202,13 @@ class Engine:
         return members
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        # Only penalties and min_tokens read the history; skip copying it otherwise.
+        needs_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
         return SamplingRow(
-            params=seq.params,
+            params=p,
             prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
+            output_token_ids=seq.output_token_ids if needs_history else [],
             generator=seq.generator,
             eos_token_ids=self.eos_token_ids,
         )
@@ -214,7 +227,7 @@ class Engine:
             m.inter_token_latencies.append(now - m.last_token_time)
         m.last_token_time = now
 
-        num_out = len(seq.output_token_ids)
+        num_out = seq.num_output_tokens
         stop_token = None
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
@@ -234,23 +247,19 @@ class Engine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
-    def _finish_or_report(self, req: Request) -> RequestOutput:
-        done = req.finished
-        if done:
-            req.metrics.finished_time = time.time()
-            self.requests.pop(req.request_id, None)
-        return self._make_output(req, finished=done)
-
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
+        # model_construct: the engine's own, already valid data; validation would cost more than
+        # the rest of the step at hundreds of requests.
         outputs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
             delta_text, delta_ids = self.detokenizer.take_delta(seq)
+            out_ids = seq.output_token_ids
             outputs.append(
-                CompletionOutput(
+                CompletionOutput.model_construct(
                     index=seq.index,
                     text=seq.text,
-                    token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=seq.cumulative_logprob if seq.output_token_ids else None,
+                    token_ids=out_ids,
+                    cumulative_logprob=seq.cumulative_logprob if out_ids else None,
                     logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -258,7 +267,7 @@ class Engine:
                     token_ids_delta=delta_ids,
                 )
             )
-        return RequestOutput(
+        return RequestOutput.model_construct(
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
