@@ -62,6 +62,9 @@ def _config(name: str):
         return C.Qwen2Config(**TINY, tie_word_embeddings=True)
     if name == "qwen3":  # per-head q/k norm, head_dim * heads != hidden
         return C.Qwen3Config(**{**TINY, "num_hidden_layers": 3}, head_dim=32, tie_word_embeddings=False)
+    if name == "qwen2_yarn":  # yarn rope scaling (scales cos/sin too)
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+        return C.Qwen2Config(**TINY, rope_scaling=rope, tie_word_embeddings=False)
     if name == "gemma":
         return C.GemmaConfig(**TINY, head_dim=16, hidden_act="gelu_pytorch_tanh")
     if name == "gemma2":  # window shorter than the prompts, both soft-caps active
@@ -115,14 +118,17 @@ def _our_model(config, hf_model):
 class PagedHarness:
     """A minimal stand-in for the model runner: per-layer caches, shuffled block tables, varlen batches."""
 
-    def __init__(self, model, config, seed: int = 0):
-        self.model = model
+    def __init__(self, model, config, seed: int = 0, device: str | torch.device = "cpu"):
+        self.model, self.device = model, torch.device(device)
         num_layers, hkv, head_dim = kv_cache_shape_info(config)
         layers = model.attention_layers()
+        dtype = next(model.parameters()).dtype
         assert len(layers) == num_layers
         for attn in layers:
             # NaN everywhere: reading a slot that was never written poisons the result.
-            attn.kv_cache = torch.full((NUM_BLOCKS, 2, BLOCK_SIZE, hkv, head_dim), float("nan"))
+            attn.kv_cache = torch.full(
+                (NUM_BLOCKS, 2, BLOCK_SIZE, hkv, head_dim), float("nan"), dtype=dtype, device=self.device
+            )
         self.free = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free)
         self.blocks: dict[int, list[int]] = {}
@@ -147,16 +153,17 @@ class PagedHarness:
             qsl.append(qsl[-1] + len(toks))
         width = max(len(self.blocks[sid]) for sid in chunks)
         tables = [self.blocks[sid] + [0] * (width - len(self.blocks[sid])) for sid in chunks]
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             max_query_len=max(len(t) for t in chunks.values()),
             max_seq_len=max(seq_lens),
         )
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), meta)
+            hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
             logits = self.model.compute_logits(hidden)
         assert logits.dtype == torch.float32
         return {sid: logits[qsl[i] : qsl[i + 1]] for i, sid in enumerate(chunks)}
@@ -165,18 +172,19 @@ class PagedHarness:
 def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy ids by full-sequence forwards (no cache), and the logits of the final full sequence."""
     ids = list(prompt)
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = model(torch.tensor([ids])).logits[0]
+            logits = model(torch.tensor([ids], device=dev)).logits[0]
             ids.append(int(logits[-1].argmax()))
-        logits = model(torch.tensor([ids])).logits[0].float()
+        logits = model(torch.tensor([ids], device=dev)).logits[0].float()
     return ids[len(prompt) :], logits
 
 
-def _run_ours(model, config, prompts: list[list[int]], first_chunk: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def _run_ours(model, config, prompts: list[list[int]], first_chunk: int, device="cpu"):
     """Sequence 0 is prefilled in two chunks (the second one batched with sequence 1's first decode);
     sequence 1 in one step batched with sequence 0's first chunk. Then both decode together."""
-    harness = PagedHarness(model, config)
+    harness = PagedHarness(model, config, device=device)
     a, b = prompts
     logits = {0: [], 1: []}
     generated = {0: [], 1: []}
@@ -213,7 +221,7 @@ def check_against_hf(config, attn_implementation: str = "sdpa", prompt_lens=(13,
     assert len(generated) > 2, "degenerate test: greedy decoding keeps repeating one token"
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama3_rope", "mistral", "qwen2", "qwen2_yarn", "qwen3"])
 def test_llama_family_matches_transformers(name):
     check_against_hf(_config(name))
 

@@ -84,9 +84,14 @@ class GemmaModel(nn.Module):
             {t: RotaryEmbedding.from_config(config, head_dim_of(config), t) for t in sorted(set(layer_types))}
         )
 
+    def _embed_scale_in(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden) rounded to the model dtype first (55.43 -> 55.5 in bf16), as transformers does.
+        A Python float, so the multiply allocates nothing on the device (CUDA-graph safe)."""
+        return float(torch.tensor(self.embed_scale, dtype=dtype))
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype, device=hidden.device)
+        hidden = hidden * self._embed_scale_in(hidden.dtype)
         ropes = {t: rotary(positions) for t, rotary in self.rotary_emb.items()}
         for layer in self.layers:
             hidden = layer(hidden, ropes[layer.layer_type], meta)
