@@ -281,26 +281,26 @@ def _num_sms(device_index: int) -> int:
 
 
 def _launch_config(max_query_len: int, g: int, d: int, decode: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small row tiles for decode, 128-row tiles for prefill."""
-    if decode:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (BENCHMARKS.md)."""
+    if decode:  # memory-bound: few warps, deep cp.async pipeline
         block_m = max(16, triton.next_power_of_2(g))
-        return block_m, (64 if d <= 128 else 32), 4, 3
+        return (block_m, 64, 2, 4) if d <= 128 else (block_m, 32, 4, 3)
     big = 128 if d <= 128 else 64
     block_m = min(big, max(16, triton.next_power_of_2(max_query_len * g)))
     block_m = max(block_m, triton.next_power_of_2(g))
-    block_n = 64 if d <= 128 else 32
-    warps = 8 if block_m * d >= 128 * 128 else 4
-    return block_m, block_n, warps, 2 if d > 64 else 3
+    if d <= 128:
+        return block_m, 32, 4, 3
+    return block_m, 32, 8 if block_m >= 64 else 4, 2
 
 
 def _choose_splits(batch: int, hkv: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
     """Split the context only when batch x KV heads leaves the GPU under-filled and contexts are long."""
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 8
     progs = batch * hkv
-    if progs >= 2 * sms or max_seq_len < 1024:
+    if progs >= 2 * sms or max_seq_len < 256:
         return 1
     want = triton.cdiv(2 * sms, progs)
-    return max(1, min(want, max_seq_len // 256, 64))
+    return max(1, min(want, max_seq_len // 128, 64))  # at least 128 keys per split
 
 
 def paged_attention(
