@@ -1,14 +1,16 @@
-"""`paged-backend generate | chat | bench`.
+"""`paged-backend generate | chat | bench | serve`.
 
     paged-backend generate "What is the capital of France?"
     paged-backend chat --model smollm2-135m-instruct
     paged-backend bench --model llama-3.2-1b --peer hf
+    paged-backend serve --model smollm2-135m-instruct --port 3000   # OpenAI-compatible, via BentoML
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -108,6 +110,19 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    cmd = [sys.executable, "-m", "bentoml", "serve", "paged_backend.adapters.bentoml:PagedLLMService",
+           "--host", a.host, "--port", str(a.port)]
+    args = dict(model=a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len,
+                load_format=a.load_format, kv_cache_memory=a.kv_cache_memory,
+                gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                served_model_name=a.served_model_name)
+    for k, v in args.items():
+        if v is not None:
+            cmd += ["--arg", f"{k}={v}"]
+    os.execv(sys.executable, cmd)  # bentoml takes over this process: signals reach it directly
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="paged-backend", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -131,6 +146,13 @@ def main(argv=None) -> int:
 
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (bentoml serve PagedLLMService)")
+    _engine_flags(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--served-model-name", default=None, help="name(s) clients use, comma-separated")
+    s.set_defaults(func=cmd_serve)
 
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

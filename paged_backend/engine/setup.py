@@ -59,14 +59,12 @@ def resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
     return cfg_dtype if cfg_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def eos_ids(hf_config, tokenizer, generation_config) -> set[int]:
-    ids: set[int] = set()
-    for src in (generation_config, hf_config):
-        v = getattr(src, "eos_token_id", None) if src is not None else None
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
+def eos_ids(source, tokenizer) -> set[int]:
+    """What ends a generation: the checkpoint's (generation config and config, as the loader
+    merged them) and the tokenizer's EOS."""
+    ids = {int(t) for t in (source.eos_token_ids or [])}
+    v = getattr(source.hf_config, "eos_token_id", None)
+    ids.update([v] if isinstance(v, int) else list(v or []))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
@@ -130,7 +128,7 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         max_model_len=max_model_len,
         max_num_batched_tokens=max_batched,
         vocab_size=vocab,
-        eos_token_ids=eos_ids(cfg, tokenizer, getattr(source, "generation_config", None)),
+        eos_token_ids=eos_ids(source, tokenizer),
         num_blocks=num_blocks,
         runner=runner,
     )

