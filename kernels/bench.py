@@ -152,8 +152,11 @@ def flex_decode_fn(bsz, ctx, scale):
     partial_n = torch.zeros(bsz, 1, 1, device=DEV, dtype=torch.int32)
     full_n = torch.full((bsz, 1, 1), npg, device=DEV, dtype=torch.int32)
     # every page is full, so no mask_mod call is needed: the block mask alone is the page table
-    bm = BlockMask.from_kv_blocks(partial_n, table, full_n, table, BLOCK_SIZE=(page, page),
-                                  seq_lengths=(1, total * page))
+    # kv_indices' last dimension must span every KV block of the (physical) sequence: pad the page table.
+    idx = torch.zeros(bsz, 1, 1, total, device=DEV, dtype=torch.int32)
+    idx[..., :npg] = table
+    bm = BlockMask.from_kv_blocks(partial_n, idx, full_n, idx, BLOCK_SIZE=(page, page),
+                                  seq_lengths=(1, total * page), compute_q_blocks=False)
     fa = torch.compile(flex_attention, dynamic=False)
     fn = lambda: fa(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)  # noqa: E731
     # correctness of the peer itself: sequence 0 against SDPA over its own gathered pages
@@ -216,9 +219,11 @@ def decode_table(copy_bw, flex_cells):
             fx = graph_median_ms(fn)
             if err > 1e-2:
                 note += f" flex err {err:.1e}!"
-        except Exception as e:
-            note += f" flex: {type(e).__name__}: {str(e)[:80]}"
-        torch.cuda.empty_cache()
+            del fn
+            torch.cuda.empty_cache()
+        except Exception as e:  # may leave the CUDA context unusable: no more flex cells
+            rows[i] = (bsz, ctx, ms, bw, sd, None, note + f" flex: {type(e).__name__}: {str(e)[:80]}")
+            break
         rows[i] = (bsz, ctx, ms, bw, sd, fx, note)
         print(f"flex b={bsz} ctx={ctx}: {fx and fx * 1e3 or float('nan'):.1f} us ({note})", flush=True)
     return rows
