@@ -155,7 +155,13 @@ def flex_decode_fn(bsz, ctx, scale):
     # kv_indices' last dimension must span every KV block of the (physical) sequence: pad the page table.
     idx = torch.zeros(bsz, 1, 1, total, device=DEV, dtype=torch.int32)
     idx[..., :npg] = table
-    bm = BlockMask.from_kv_blocks(partial_n, idx, full_n, idx, BLOCK_SIZE=(page, page),
+    owner = torch.empty(total, device=DEV, dtype=torch.int32)  # sequence that owns each physical page
+    owner[table.flatten().long()] = torch.arange(bsz, device=DEV, dtype=torch.int32).repeat_interleave(npg)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # exact mask (the compiled kernel skips it on full blocks)
+        return owner[kv_idx // page] == b
+
+    bm = BlockMask.from_kv_blocks(partial_n, idx, full_n, idx, BLOCK_SIZE=(page, page), mask_mod=mask_mod,
                                   seq_lengths=(1, total * page), compute_q_blocks=False)
     fa = torch.compile(flex_attention, dynamic=False)
     fn = lambda: fa(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)  # noqa: E731
