@@ -46,6 +46,19 @@ def tiny_config(kind: str):
         return transformers.Qwen2Config(**common, use_sliding_window=False)
     if kind == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=32)
+    # Gemma family: windows shorter than most prompts, soft-caps active.
+    if kind == "gemma":
+        return transformers.GemmaConfig(**common, head_dim=16, hidden_act="gelu_pytorch_tanh")
+    if kind == "gemma2":
+        return transformers.Gemma2Config(**{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=12,
+                                         query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=4.0)
+    if kind == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=12,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0})
     raise ValueError(kind)
 
 
@@ -92,7 +105,9 @@ def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> l
     """Reference: transformers generate, fp32, one prompt at a time (no padding effects)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Gemma 2's attention soft-capping exists only in transformers' eager attention.
+    attn = "eager" if transformers.AutoConfig.from_pretrained(model_dir).model_type == "gemma2" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
     model.eval()
     outs = []
     with torch.no_grad():

