@@ -367,7 +367,7 @@ def _model_generation_config(model: str, tokenizer) -> GenerationConfig:
             break
         try:
             return loader()
-        except (OSError, ValueError):
+        except Exception:  # not an HF directory or cached hub id (alias, hub id not cached): next source
             continue
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
