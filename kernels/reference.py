@@ -78,25 +78,36 @@ def _attend(q, k, v, mask, scale, softcap, is_causal=False):
     return _sdpa(q, k, v, mask, scale, is_causal=is_causal)
 
 
+def _gather(kv_cache, block_ids, which):
+    """K (which=0) or V (1) of the given blocks, contiguous: [len(block_ids) * block_size, Hkv, D]."""
+    nblk, _, bs, hkv, d = kv_cache.shape
+    if kv_cache.is_contiguous():  # whole-row copies: [num_blocks * 2, block_size * Hkv * D]
+        return kv_cache.view(nblk * 2, -1).index_select(0, block_ids * 2 + which).view(-1, hkv, d)
+    return kv_cache[:, which].index_select(0, block_ids).view(-1, hkv, d)
+
+
 def _gather_kv(kv_cache, block_ids, ctx):
-    """K and V of one sequence as [1, Hkv, ctx, D] each (the needed blocks gathered once)."""
-    blocks = kv_cache.index_select(0, block_ids)  # [nb, 2, bs, Hkv, D]
-    nb, _, bs, hkv, d = blocks.shape
-    kv = blocks.transpose(0, 1).reshape(2, nb * bs, hkv, d)[:, :ctx]  # [2, ctx, Hkv, D]
-    kv = kv.permute(0, 2, 1, 3).unsqueeze(1)  # [2, 1, Hkv, ctx, D]
-    return kv[0], kv[1]
+    """K and V of one sequence as [1, Hkv, ctx, D] views (one gather each; SDPA takes the strides as they are)."""
+    k = _gather(kv_cache, block_ids, 0)[:ctx]
+    v = _gather(kv_cache, block_ids, 1)[:ctx]
+    return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
 
-def _prefill_one(q, kv_cache, block_ids, ctx, scale, sliding_window, softcap):
+def _prefill_one(q, kv_cache, block_table, ctx, scale, sliding_window, softcap):
     """q [M, Hq, D] of one sequence whose keys are positions [0, ctx) -> [M, Hq, D]."""
     m = q.shape[0]
-    k, v = _gather_kv(kv_cache, block_ids, ctx)
+    bs = kv_cache.shape[2]
+    first = 0  # first block any query can see: with a window, older blocks are never gathered
+    if sliding_window is not None:
+        first = max(0, ctx - m - sliding_window + 1) // bs
+    ids = block_table[first : -(-ctx // bs)].long()
+    k, v = _gather_kv(kv_cache, ids, ctx - first * bs)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, M, D]
     if m == ctx and sliding_window is None:
         out = _attend(qh, k, v, None, scale, softcap, is_causal=True)
     else:
         qpos = torch.arange(ctx - m, ctx, device=q.device).unsqueeze(1)
-        kpos = torch.arange(ctx, device=q.device).unsqueeze(0)
+        kpos = torch.arange(first * bs, ctx, device=q.device).unsqueeze(0)
         mask = kpos <= qpos
         if sliding_window is not None:
             mask &= kpos > qpos - sliding_window
@@ -108,22 +119,29 @@ def _decode_group(q, kv_cache, block_tables, ctx, scale, sliding_window, softcap
     """q [N, Hq, D]: one new token for each of N sequences with context lengths ctx [N] -> [N, Hq, D]."""
     n = q.shape[0]
     bs = kv_cache.shape[2]
-    max_ctx = int(ctx.max())
-    nb = -(-max_ctx // bs)
-    kpos = torch.arange(nb * bs, device=q.device)
-    used = kpos.view(1, nb, bs)[:, :, 0] < ctx.view(n, 1)  # [N, nb]: block is part of the context
-    ids = torch.where(used, block_tables[:, :nb].long(), 0)  # padding blocks point at block 0, masked below
-    blocks = kv_cache.index_select(0, ids.flatten())  # [N*nb, 2, bs, Hkv, D]
-    hkv, d = blocks.shape[-2:]
-    kv = blocks.view(n, nb, 2, bs, hkv, d).permute(2, 0, 4, 1, 3, 5).reshape(2, n, hkv, nb * bs, d)
-    valid = kpos.unsqueeze(0) < ctx.view(n, 1)  # [N, S]
-    # Slots past the context may hold garbage (even NaN) and 0 * NaN is NaN: zero them.
-    kv = kv.masked_fill(~valid.view(1, n, 1, -1, 1), 0)
+    hkv, d = kv_cache.shape[-2:]
+    end = (ctx + bs - 1) // bs  # [N] blocks in use
+    first = torch.zeros_like(ctx)  # first block the new token can see (sliding window skips older ones)
+    if sliding_window is not None:
+        first = (ctx - sliding_window).clamp_min(0) // bs
+    nb = int((end - first).max())
+    blk = first.view(n, 1) + torch.arange(nb, device=q.device)  # [N, nb] logical block numbers
+    used = blk < end.view(n, 1)
+    table = block_tables.long().gather(1, blk.clamp(max=block_tables.shape[1] - 1))
+    ids = torch.where(used, table, 0).flatten()  # padding blocks: block 0, masked below
+    k = _gather(kv_cache, ids, 0).view(n, nb * bs, hkv, d)
+    v = _gather(kv_cache, ids, 1).view(n, nb * bs, hkv, d)
+    kpos = (first * bs).view(n, 1) + torch.arange(nb * bs, device=q.device)  # [N, S] absolute positions
+    valid = kpos < ctx.view(n, 1)
+    # Slots past the context may hold garbage (even NaN), and 0 * NaN is NaN: zero them.
+    if not bool(valid.all()):
+        k[~valid] = 0
+        v[~valid] = 0
     mask = valid
     if sliding_window is not None:
-        mask = mask & (kpos.unsqueeze(0) > ctx.view(n, 1) - 1 - sliding_window)
+        mask = mask & (kpos > ctx.view(n, 1) - 1 - sliding_window)
     qh = q.unsqueeze(2)  # [N, Hq, 1, D]
-    out = _attend(qh, kv[0], kv[1], mask.view(n, 1, 1, -1), scale, softcap)
+    out = _attend(qh, k.transpose(1, 2), v.transpose(1, 2), mask.view(n, 1, 1, -1), scale, softcap)
     return out[:, :, 0]
 
 
@@ -143,7 +161,6 @@ def paged_attention(
         out = torch.empty_like(q)
     seq_lens_l = seq_lens.tolist()
     qsl = query_start_loc.tolist()
-    bs = kv_cache.shape[2]
     decode_rows = []
     for b, ctx in enumerate(seq_lens_l):
         start, end = qsl[b], qsl[b + 1]
@@ -152,9 +169,8 @@ def paged_attention(
         if end - start == 1:
             decode_rows.append(b)
             continue
-        nb = -(-ctx // bs)
-        ids = block_tables[b, :nb].long()
-        out[start:end] = _prefill_one(q[start:end], kv_cache, ids, ctx, scale, sliding_window, softcap).to(out.dtype)
+        res = _prefill_one(q[start:end], kv_cache, block_tables[b], ctx, scale, sliding_window, softcap)
+        out[start:end] = res.to(out.dtype)
     if decode_rows:
         per_token = 2 * kv_cache.shape[3] * kv_cache.shape[4] * kv_cache.element_size()
         rows = torch.tensor(decode_rows, dtype=torch.long)
