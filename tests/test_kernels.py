@@ -313,3 +313,16 @@ def test_gpu_store_kv():
     kernels.store_kv(k, v, cache, slots)
     reference.store_kv(k, v, expect, slots)
     assert torch.equal(cache, expect)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_non_contiguous_cache(impl):
+    """A cache laid out [num_blocks, block_size, 2, Hkv, D] in memory and viewed in the interface's order."""
+    batch = make_batch([1, 6, 1], [40, 21, 3], 8, 2, 32, seed=21)
+    cache = batch["kv_cache"]
+    strided = torch.empty(cache.shape[0], cache.shape[2], 2, *cache.shape[3:]).transpose(1, 2)
+    strided.copy_(cache)
+    assert not strided.is_contiguous()
+    batch["kv_cache"] = strided
+    got = run_attention(batch, 0.17, impl)
+    assert rel_err(got, oracle(batch, 0.17)) < 1e-5
