@@ -23,3 +23,4 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = True
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     seed: int = 0
+    enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps (CUDA only)")

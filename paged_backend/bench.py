@@ -124,6 +124,10 @@ def run_workload(a) -> list[dict]:
     shape = a.model if a.model in SHAPES else "llama-3.2-1b"
     vocab = SHAPES[shape][1]["vocab_size"]
     prompts = workload_a(a.num_prompts, a.min_input_len, a.max_input_len, vocab)
+    floor = FLOOR_SECONDS.get(shape) if (a.num_prompts, a.output_len) == (256, 256) else None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\nworkload A: {shape}, {a.num_prompts} prompts U[{a.min_input_len},{a.max_input_len}], "
+          f"{a.output_len} output tokens, greedy, ignore_eos, dummy weights, device {device}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(shape, Path(tmp))
@@ -131,12 +135,10 @@ def run_workload(a) -> list[dict]:
         if getattr(a, "kv_cache_memory", None):
             kw["kv_cache_memory"] = a.kv_cache_memory
         results.append(run_ours(model_dir, prompts, a.output_len, **kw))
+        print(f"paged-backend: {results[0]['seconds']:.2f} s, {results[0]['output_tokens'] / results[0]['seconds']:.0f} "
+              f"output tok/s (start-up {results[0]['load_s']:.1f} s)", flush=True)
         if getattr(a, "peer", None) == "hf":
             results.append(run_hf(model_dir, prompts, a.output_len))
-    floor = FLOOR_SECONDS.get(shape) if (a.num_prompts, a.output_len) == (256, 256) else None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\nworkload A: {shape}, {a.num_prompts} prompts U[{a.min_input_len},{a.max_input_len}], "
-          f"{a.output_len} output tokens, greedy, ignore_eos, dummy weights, device {device}")
     print(f"{'engine':58s} {'seconds':>8s} {'out tok/s':>10s} {'vs peer':>8s} {'floor/t':>8s}")
     peer = results[1]["seconds"] if len(results) > 1 else None
     for r in results:

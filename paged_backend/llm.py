@@ -42,13 +42,14 @@ class LLM:
         enable_prefix_caching: bool = True,
         load_format: str = "auto",
         seed: int = 0,
+        enforce_eager: bool = False,
     ):
         self.args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format, seed=seed,
+            load_format=load_format, seed=seed, enforce_eager=enforce_eager,
         )
         self._engine: Optional[Engine] = Engine(self.args)
 

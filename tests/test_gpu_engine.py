@@ -31,7 +31,7 @@ def test_gpu_greedy_matches_transformers_fp32(kind, tmp_path):
             y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False, pad_token_id=0)
             expected.append(y[0, len(ids):].tolist())
     del hf
-    for kw in (dict(), dict(max_num_batched_tokens=64, enable_prefix_caching=False)):
+    for kw in (dict(), dict(enforce_eager=True, max_num_batched_tokens=64, enable_prefix_caching=False)):
         with LLM(str(model_dir), dtype="float32", device="cuda", gpu_memory_utilization=0.3, **kw) as llm:
             outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
             for i, (o, e) in enumerate(zip(outs, expected)):

@@ -118,6 +118,8 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
     num_blocks = num_blocks_for_bytes(spec, budget)
     check_fits(spec, num_blocks, max_model_len, where)
     runner.bind_kv_caches(spec.allocate(num_blocks, device))
+    if device.type == "cuda" and not args.enforce_eager:
+        runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), max_model_len)
 
     vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
     return EngineSetup(

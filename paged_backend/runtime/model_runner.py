@@ -13,6 +13,7 @@ from torch import nn
 from paged_backend import kernels
 from paged_backend.engine.scheduler import SchedulerOutput
 from paged_backend.layers.attention import AttentionMetadata
+from paged_backend.runtime.cuda_graphs import DecodeGraphs
 
 
 class ModelRunner:
@@ -22,6 +23,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches: list[torch.Tensor] = []
         self._pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None  # decode steps under CUDA graphs (CUDA only)
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         layers = self.model.attention_layers()
@@ -35,8 +37,7 @@ class ModelRunner:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
 
-    def build_batch(self, sched: SchedulerOutput):
-        """Flat input ids, positions and attention metadata; and which rows produce logits."""
+    def _host_batch(self, sched: SchedulerOutput):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -58,6 +59,11 @@ class ModelRunner:
             tables.append(table)
             if s.completes_prompt:
                 logit_rows.append(qsl[-1] - 1)
+        return input_ids, positions, slots, seq_lens, qsl, tables, logit_rows
+
+    def build_batch(self, sched: SchedulerOutput):
+        """Flat input ids, positions and attention metadata; and which rows produce logits."""
+        input_ids, positions, slots, seq_lens, qsl, tables, logit_rows = self._host_batch(sched)
         width = max(len(t) for t in tables)
         block_tables = [t + [0] * (width - len(t)) for t in tables]
         meta = AttentionMetadata(
@@ -72,6 +78,10 @@ class ModelRunner:
         pos_t = self._to_device(positions, torch.int64)
         return ids, pos_t, meta, logit_rows
 
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
+        self.graphs.capture()
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Logits [num rows that complete their known tokens, vocab] in fp32, in schedule order."""
@@ -80,8 +90,14 @@ class ModelRunner:
             kernels.copy_blocks(
                 self.kv_caches, self._to_device(src, torch.int64), self._to_device(dst, torch.int64)
             )
-        ids, positions, meta, logit_rows = self.build_batch(sched)
-        hidden = self.model(ids, positions, meta)
+        if self.graphs is not None and len(sched.scheduled) <= self.graphs.max_batch and all(
+            s.num_new_tokens == 1 for s in sched.scheduled
+        ):
+            input_ids, positions, slots, seq_lens, _, tables, logit_rows = self._host_batch(sched)
+            hidden = self.graphs.run(input_ids, positions, slots, tables, seq_lens)
+        else:
+            ids, positions, meta, logit_rows = self.build_batch(sched)
+            hidden = self.model(ids, positions, meta)
         if not logit_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         rows = self._to_device(logit_rows, torch.int64)
@@ -108,7 +124,8 @@ class ModelRunner:
         self.release()
 
     def release(self) -> None:
-        """Drop the KV cache (shutdown or after profiling)."""
+        """Drop the KV cache and graphs (shutdown or after profiling)."""
+        self.graphs = None
         for attn in self.model.attention_layers():
             attn.kv_cache = None
         self.kv_caches = []
