@@ -116,7 +116,11 @@ def paged_attention(
     """Causal varlen attention of q [T, Hq, D] over the paged cache -> [T, Hq, D] (written into `out` if given).
 
     max_query_len / max_seq_len are host ints the caller already knows; passing them keeps the
-    launch free of device->host syncs. When None they are computed from the tensors.
+    launch free of device->host syncs. When None they are computed from the tensors. Both must be
+    upper bounds (>=) of the true maxima; max_query_len == 1 selects the decode path (and, with few
+    sequences, the split-K path, whose chunking is sized from max_seq_len). A CUDA graph captured for
+    decode bakes the split count in: capture it with max_seq_len = the largest context it will replay
+    with (e.g. max_model_len).
     """
     if q.dim() != 3 or kv_cache.dim() != 5 or q.shape[2] != kv_cache.shape[4]:
         raise ValueError(
