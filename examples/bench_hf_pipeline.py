@@ -34,15 +34,12 @@ PROMPTS = [
 
 
 def hf_pipeline_on_engine_weights():
-    from paged_backend.loader import iter_weights, load_tokenizer, resolve_model
+    from paged_backend.loader import load_tokenizer, resolve_model, transformers_reference_model
 
     src = resolve_model("smollm2-135m-instruct")
-    tok = load_tokenizer(src)
-    model = transformers.LlamaForCausalLM(src.hf_config).eval()
-    state = dict(iter_weights(src, torch.float32))
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=False)
-    return transformers.pipeline("text-generation", model=model, tokenizer=tok, device="cpu", batch_size=8)
+    model = transformers_reference_model(src)
+    return transformers.pipeline("text-generation", model=model, tokenizer=load_tokenizer(src), device="cpu",
+                                 batch_size=8)
 
 
 def main():

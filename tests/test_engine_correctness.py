@@ -76,18 +76,12 @@ def test_smollm2_gguf_greedy_matches_transformers():
     """The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): our engine vs transformers on
     the same dequantized weights."""
     import torch
-    import transformers
 
-    from paged_backend.loader import iter_weights, load_tokenizer, resolve_model
+    from paged_backend.loader import load_tokenizer, resolve_model, transformers_reference_model
 
     src = resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(src)
-    hf = transformers.LlamaForCausalLM(src.hf_config).eval()
-    state = dict(iter_weights(src, torch.float32))
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not [m for m in missing if "rotary" not in m], missing
+    hf = transformers_reference_model(src)
     texts = [
         "The capital of France is",
         "def fibonacci(n):",
@@ -117,17 +111,12 @@ def test_smollm2_gguf_greedy_matches_transformers():
 def test_gemma3_270m_greedy_matches_transformers():
     """The bundled gemma-3-270m (Q4_K_M GGUF, dequantized): engine vs transformers on the same weights."""
     import torch
-    import transformers
 
-    from paged_backend.loader import iter_weights, load_tokenizer, resolve_model
+    from paged_backend.loader import load_tokenizer, resolve_model, transformers_reference_model
 
     src = resolve_model("gemma-3-270m")
     tok = load_tokenizer(src)
-    hf = transformers.Gemma3ForCausalLM(src.hf_config).eval()
-    state = dict(iter_weights(src, torch.float32))
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    missing, _ = hf.load_state_dict(state, strict=False)
-    assert not [m for m in missing if "rotary" not in m], missing
+    hf = transformers_reference_model(src)
     texts = ["The capital of France is", "The largest planet in the solar system is", "def add(a, b):", "Roses are red,"]
     prompts = [tok.encode(t) for t in texts]
     n_new = 30

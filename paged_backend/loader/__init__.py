@@ -10,6 +10,7 @@ The engine calls exactly::
 from .aliases import ALIASES
 from .dummy import init_dummy_weights
 from .errors import CorruptWeightsError, MissingModelPackageError, ModelLoadError, ModelNotFoundError
+from .reference_model import transformers_reference_model
 from .resolve import resolve_model
 from .source import LOAD_FORMATS, ModelSource, cache_root
 from .tokenizer import load_tokenizer
@@ -28,4 +29,5 @@ __all__ = [
     "iter_weights",
     "load_tokenizer",
     "resolve_model",
+    "transformers_reference_model",
 ]

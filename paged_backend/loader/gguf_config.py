@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import transformers
 
+from paged_backend.models.registry import MODEL_TYPE_ARCHITECTURES
+
 from .errors import ModelLoadError
 from .gguf_file import GGUFFile
 
@@ -95,19 +97,10 @@ def gguf_to_hf_config(gf: GGUFFile) -> transformers.PretrainedConfig:
             attn_logit_softcapping=_opt_float(meta("attn_logit_softcapping")),
             final_logit_softcapping=_opt_float(meta("final_logit_softcapping")),
         )
-    config.architectures = [_ARCH_CLASS[config.model_type]]
+    config.architectures = [MODEL_TYPE_ARCHITECTURES[config.model_type]]
     return config
 
 
-_ARCH_CLASS = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
 
 
 def _scalar(value: Any) -> int:

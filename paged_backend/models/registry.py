@@ -16,7 +16,8 @@ _ARCHITECTURES = {
     "Gemma2ForCausalLM": ("gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("gemma", "GemmaForCausalLM"),
 }
-_MODEL_TYPES = {
+# HF model_type -> its CausalLM architecture name (also what a GGUF's general.architecture maps to).
+MODEL_TYPE_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -35,7 +36,7 @@ def _architecture(config) -> str | None:
     for arch in getattr(config, "architectures", None) or []:
         if arch in _ARCHITECTURES:
             return arch
-    return _MODEL_TYPES.get(getattr(config, "model_type", None))
+    return MODEL_TYPE_ARCHITECTURES.get(getattr(config, "model_type", None))
 
 
 def is_supported(config) -> bool:
