@@ -47,6 +47,12 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
     blocks, offsets = slots // block_size, slots % block_size
+    if kv_cache.is_contiguous():  # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put
+        rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
+        k_rows = blocks * (2 * block_size) + offsets
+        rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1).to(kv_cache.dtype))
+        rows.index_copy_(0, k_rows + block_size, value.reshape(value.shape[0], -1).to(kv_cache.dtype))
+        return
     kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)
     kv_cache[blocks, 1, offsets] = value.to(kv_cache.dtype)
 
@@ -157,8 +163,9 @@ def _decode_group(q, kv_cache, block_tables, ctx, scale, sliding_window, softcap
     valid = kpos < ctx.view(n, 1)
     # Slots past the context may hold garbage (even NaN), and 0 * NaN is NaN: zero them.
     if not bool(valid.all()):
-        k[~valid] = 0
-        v[~valid] = 0
+        pad = ~valid.view(n, -1, 1, 1)
+        k.masked_fill_(pad, 0)
+        v.masked_fill_(pad, 0)
     mask = valid
     if sliding_window is not None:
         mask = mask & (kpos > ctx.view(n, 1) - 1 - sliding_window)
