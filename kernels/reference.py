@@ -32,7 +32,8 @@ def _buffer(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     if like.device.type != "cpu" or nbytes > _WORKSPACE_MAX_BYTES:
         return torch.empty(numel, dtype=like.dtype, device=like.device)
     bufs = _workspace.__dict__.setdefault("bufs", {})
-    key = (slot, like.dtype)
+    # Buffers made under torch.inference_mode() cannot be written outside it (and vice versa): one set each.
+    key = (slot, like.dtype, torch.is_inference_mode_enabled())
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         buf = bufs[key] = torch.empty(numel, dtype=like.dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
@@ -24,6 +25,10 @@ from paged_backend.chat import render_chat
 from paged_backend.engine.engine import Engine, EngineStats, coerce_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
+
+
+_ADMISSION_GAP_S = 0.002
+_ADMISSION_WINDOW_MAX_S = 0.02
 
 
 class EngineDeadError(RuntimeError):
@@ -56,8 +61,14 @@ class AsyncLLM:
     def _run(self) -> None:
         while True:
             with self._work:
-                while not self._stopping and not self.engine.has_unfinished_requests():
-                    self._work.wait()
+                if not self.engine.has_unfinished_requests():
+                    while not self._stopping and not self.engine.has_unfinished_requests():
+                        self._work.wait()
+                    # Woken from idle: let requests submitted together (a client's batch) join the
+                    # first step, for as long as they keep arriving within 2 ms of each other.
+                    deadline = time.monotonic() + _ADMISSION_WINDOW_MAX_S
+                    while self._work.wait(timeout=_ADMISSION_GAP_S) and time.monotonic() < deadline:
+                        pass
                 if self._stopping:
                     return
                 try:
