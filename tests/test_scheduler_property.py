@@ -30,7 +30,7 @@ def _check(bm: BlockManager, sched: Scheduler, live: list[Sequence], out, budget
         assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + s.num_new_tokens
         first = seq.num_computed_tokens // BLOCK
         if first < len(seq.block_table):
-            assert bm.blocks[seq.block_table[first]].ref_count == 1, "write into a shared block"
+            assert bm.ref_counts[seq.block_table[first]] == 1, "write into a shared block"
     for seq in sched.waiting:
         assert not seq.block_table and seq.num_computed_tokens == 0
 

@@ -5,22 +5,17 @@ block ids. A full block is identified by the hash of (its parent block's hash, i
 new sequence whose tokens start with a cached chain reuses those blocks instead of recomputing
 them. Freed blocks that carry a hash stay in the table (and on the free list, least recently freed
 first) until they are handed out again, so a later request can still hit them.
+
+Per-block state is kept as parallel lists indexed by block id, not one object per block: a GPU
+cache has ~10^5 blocks, and that many live objects made each of Python's full garbage collections
+(which run every few engine steps) cost milliseconds.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from paged_backend.engine.sequence import Sequence
-
-
-@dataclass
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple[int, ...] = field(default=())
 
 
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -34,7 +29,9 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.ref_counts = [0] * num_blocks
+        self.hashes: list[int | None] = [None] * num_blocks  # set once the block is full and cached
+        self.block_tokens: list[tuple[int, ...]] = [()] * num_blocks  # its tokens (to rule out collisions)
         # ref_count == 0 blocks, least recently freed first; OrderedDict for O(1) removal on a cache hit
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -61,26 +58,24 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------------------
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.hash is not None:  # evict its cache entry: it is being reused for other tokens
-            if self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = None, ()
-        block.ref_count = 1
+        h = self.hashes[block_id]
+        if h is not None:  # evict its cache entry: it is being reused for other tokens
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+            self.hashes[block_id], self.block_tokens[block_id] = None, ()
+        self.ref_counts[block_id] = 1
         return block_id
 
     def _ref(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
+        if self.ref_counts[block_id] == 0:
             del self.free[block_id]
-        block.ref_count += 1
+        self.ref_counts[block_id] += 1
 
     def _unref(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.ref_count -= 1
-        if block.ref_count < 0:
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] < 0:
             raise AssertionError(f"block {block_id} freed twice")
-        if block.ref_count == 0:
+        if self.ref_counts[block_id] == 0:
             self.free[block_id] = None
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -95,7 +90,7 @@ class BlockManager:
             toks = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = chain_hash(parent, toks)
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != toks:
+            if block_id is None or self.block_tokens[block_id] != toks:
                 break
             hits.append(block_id)
             parent = h
@@ -110,7 +105,7 @@ class BlockManager:
         num_cached = len(hits) * self.block_size
         num_new = min(max_new_tokens, seq.num_tokens - num_cached)
         needed = self.blocks_needed(num_cached + num_new) - len(hits)
-        hits_now_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        hits_now_free = sum(1 for b in hits if self.ref_counts[b] == 0)
         if needed + hits_now_free > len(self.free):
             return None
         for b in hits:
@@ -129,7 +124,7 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         needed = max(0, self.blocks_needed(total) - len(seq.block_table))
         first = seq.num_computed_tokens // self.block_size
-        cow = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
+        cow = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
         if needed + int(cow) > len(self.free):
             return False
         if cow:
@@ -165,14 +160,14 @@ class BlockManager:
         if num_full <= seq.num_hashed_blocks:
             return
         bs = self.block_size
-        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        parent = self.hashes[seq.block_table[seq.num_hashed_blocks - 1]] if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, num_full):
-            block = self.blocks[seq.block_table[i]]
-            toks = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            if block.hash is None:
-                block.hash, block.token_ids = chain_hash(parent, toks), toks
-                self.hash_to_block.setdefault(block.hash, block.block_id)
-            parent = block.hash
+            block_id = seq.block_table[i]
+            if self.hashes[block_id] is None:
+                toks = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                self.hashes[block_id], self.block_tokens[block_id] = chain_hash(parent, toks), toks
+                self.hash_to_block.setdefault(self.hashes[block_id], block_id)
+            parent = self.hashes[block_id]
         seq.num_hashed_blocks = num_full
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
@@ -180,8 +175,8 @@ class BlockManager:
         return copies
 
     def reset_prefix_cache(self) -> None:
-        for block_id in list(self.hash_to_block.values()):
-            self.blocks[block_id].hash, self.blocks[block_id].token_ids = None, ()
+        for block_id in self.hash_to_block.values():
+            self.hashes[block_id], self.block_tokens[block_id] = None, ()
         self.hash_to_block.clear()
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
@@ -190,11 +185,11 @@ class BlockManager:
         for s in seqs:
             for b in s.block_table:
                 counts[b] += 1
-        for block in self.blocks:
-            if block.ref_count != counts[block.block_id]:
-                raise AssertionError(f"block {block.block_id}: ref_count {block.ref_count} != {counts[block.block_id]} users")
-            if (block.ref_count == 0) != (block.block_id in self.free):
-                raise AssertionError(f"block {block.block_id}: free-list membership disagrees with ref_count")
+        for b, ref_count in enumerate(self.ref_counts):
+            if ref_count != counts[b]:
+                raise AssertionError(f"block {b}: ref_count {ref_count} != {counts[b]} users")
+            if (ref_count == 0) != (b in self.free):
+                raise AssertionError(f"block {b}: free-list membership disagrees with ref_count")
         for h, b in self.hash_to_block.items():
-            if self.blocks[b].hash != h:
+            if self.hashes[b] != h:
                 raise AssertionError(f"hash table entry for block {b} is stale")
