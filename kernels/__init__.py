@@ -5,6 +5,10 @@ Public entry points (the contract in DESIGN.md):
     paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
                     sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None)
     copy_blocks(kv_caches, src, dst)
+and the element-wise ops the models run around them (triton_fused.py, one kernel each on CUDA):
+    rms_norm(x, weight, eps, residual=None, *, gemma=False)
+    gated_activation(x, activation)
+    rotary(x, cos, sin)
 
 `impl="triton"` / `impl="reference"` forces an implementation. Triton on CPU tensors runs through
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set
@@ -23,22 +27,23 @@ import torch
 
 from . import reference
 
-__all__ = ["store_kv", "paged_attention", "copy_blocks", "reference"]
+__all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary", "reference"]
 
 _IMPLS = ("triton", "reference")
 _lock = threading.Lock()
-_triton_modules: dict[bool, object] = {}
+_triton_modules: dict[tuple[str, bool], object] = {}
 
 
-def _triton_module(interpret: bool):
-    """The Triton implementation module, compiled (interpret=False) or interpreted (True); loaded once each."""
-    mod = _triton_modules.get(interpret)
+def _triton_module(interpret: bool, name: str = "triton_impl"):
+    """A Triton module (triton_impl: attention; triton_fused: element-wise ops), compiled
+    (interpret=False) or interpreted (True); loaded once each."""
+    mod = _triton_modules.get((name, interpret))
     if mod is not None:
         return mod
     with _lock:
-        if interpret not in _triton_modules:
+        if (name, interpret) not in _triton_modules:
             if not interpret and os.environ.get("TRITON_INTERPRET") != "1":
-                from . import triton_impl as mod
+                mod = importlib.import_module(f"{__name__}.{name}")
             else:
                 # Import triton (and the gluon package it pulls in lazily at the first launch) in its
                 # normal mode first, so only our kernels' decorators see the interpreter flag.
@@ -48,9 +53,9 @@ def _triton_module(interpret: bool):
                     import triton.experimental.gluon  # noqa: F401
                 except ImportError:
                     pass
-                name = f"{__name__}._triton_impl_interpreted"
-                path = os.path.join(os.path.dirname(__file__), "triton_impl.py")
-                spec = importlib.util.spec_from_file_location(name, path)
+                qualified = f"{__name__}._{name}_interpreted"
+                path = os.path.join(os.path.dirname(__file__), f"{name}.py")
+                spec = importlib.util.spec_from_file_location(qualified, path)
                 mod = importlib.util.module_from_spec(spec)
                 old = os.environ.get("TRITON_INTERPRET")
                 os.environ["TRITON_INTERPRET"] = "1"
@@ -61,20 +66,20 @@ def _triton_module(interpret: bool):
                         del os.environ["TRITON_INTERPRET"]
                     else:
                         os.environ["TRITON_INTERPRET"] = old
-                sys.modules[name] = mod
-            _triton_modules[interpret] = mod
-    return _triton_modules[interpret]
+                sys.modules[qualified] = mod
+            _triton_modules[(name, interpret)] = mod
+    return _triton_modules[(name, interpret)]
 
 
-def _pick(impl: str | None, t: torch.Tensor):
-    """The module implementing the kernels for tensor t: triton_impl (compiled or interpreted) or reference."""
+def _pick(impl: str | None, t: torch.Tensor, name: str = "triton_impl"):
+    """The module implementing the kernels for tensor t: a Triton module (compiled or interpreted) or reference."""
     if impl is None:
         impl = "triton" if t.is_cuda else "reference"
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {_IMPLS} or None (CUDA -> triton, CPU -> reference)")
     if impl == "reference":
         return reference
-    return _triton_module(interpret=not t.is_cuda)
+    return _triton_module(not t.is_cuda, name)
 
 
 def store_kv(
@@ -166,3 +171,40 @@ def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Ten
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must have the same length")
     if kv_caches:
         reference.copy_blocks(kv_caches, src, dst)
+
+
+# ---- element-wise ops around attention and the MLP (triton_fused.py) ---------------------------
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    gemma: bool = False,
+    impl: str | None = None,
+):
+    """RMSNorm over the last dim. With residual: (norm(x + residual), x + residual), the sum in x's
+    dtype. Llama style scales by weight after casting back to x's dtype; gemma=True scales by
+    (1 + weight) in fp32."""
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight {tuple(weight.shape)} must be [{x.shape[-1]}] for x {tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    return _pick(impl, x, "triton_fused").rms_norm(x, weight, eps, residual, gemma)
+
+
+def gated_activation(x: torch.Tensor, activation: str, *, impl: str | None = None) -> torch.Tensor:
+    """act(gate) * up for x = cat(gate, up) on the last dim; activation "silu", "gelu_tanh" or "gelu"."""
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {sorted(reference.ACTIVATIONS)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"the last dim of x {tuple(x.shape)} must be even: cat(gate, up)")
+    return _pick(impl, x, "triton_fused").gated_activation(x, activation)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
+    """Neox-style rotation of x [T, H, D] by cos/sin [T, D/2] (fp32), computed in x's dtype as
+    transformers does; returns a new contiguous tensor."""
+    if x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, H, D] and cos/sin [T, D/2]; got {tuple(cos.shape)}")
+    return _pick(impl, x, "triton_fused").rotary(x, cos, sin)

@@ -241,3 +241,38 @@ def dense_attention_oracle(q, k, v, q_pos, k_pos, scale, sliding_window=None, so
     s = s.masked_fill(~mask, -math.inf)
     p = torch.softmax(s, dim=-1)
     return torch.einsum("hms,shd->mhd", p, vd)
+
+
+# ---- element-wise ops: the models' own torch code, identical to transformers' -------------------
+def rms_norm(x, weight, eps, residual=None, gemma=False):
+    if residual is not None:
+        x = x + residual
+        residual = x
+    if gemma:  # the whole computation, the (1 + weight) scale included, in fp32
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+        out = (out * (1.0 + weight.float())).type_as(x)
+    else:  # normalise in fp32, cast back to x's dtype *before* the weight multiply (HF's LlamaRMSNorm)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def gated_activation(x, activation):
+    gate, up = x.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up
+
+
+def rotary(x, cos, sin):
+    cos = cos.to(x.dtype).unsqueeze(1)
+    sin = sin.to(x.dtype).unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

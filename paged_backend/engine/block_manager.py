@@ -9,11 +9,17 @@ first) until they are handed out again, so a later request can still hit them.
 Per-block state is kept as parallel lists indexed by block id, not one object per block: a GPU
 cache has ~10^5 blocks, and that many live objects made each of Python's full garbage collections
 (which run every few engine steps) cost milliseconds.
+
+Each sequence's block table is also mirrored into one row of `table_array` (written here, where
+the tables change), so the runner gathers a step's tables with one numpy index instead of
+rebuilding hundreds of Python lists every step.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
 
 from paged_backend.engine.sequence import Sequence
 
@@ -38,6 +44,8 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
+        self.table_array = np.zeros((16, 16), dtype=np.int32)  # grows as needed
+        self._free_rows: list[int] = list(range(16))
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -54,6 +62,24 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    # ---- the block-table array --------------------------------------------------------------
+    def _sync_table(self, seq: Sequence, start: int) -> None:
+        """Copy seq.block_table[start:] into seq's row (taking a row first if it has none)."""
+        rows, width = self.table_array.shape
+        if seq.table_row < 0:
+            if not self._free_rows:
+                self._free_rows = list(range(rows, 2 * rows))
+                rows *= 2
+            seq.table_row = self._free_rows.pop()
+            start = 0
+        if len(seq.block_table) > width:  # (widths stay multiples of 16: see the runner)
+            width = max(2 * width, -(-len(seq.block_table) // 16) * 16)
+        if self.table_array.shape != (rows, width):
+            grown = np.zeros((rows, width), dtype=np.int32)
+            grown[: self.table_array.shape[0], : self.table_array.shape[1]] = self.table_array
+            self.table_array = grown
+        self.table_array[seq.table_row, start : len(seq.block_table)] = seq.block_table[start:]
 
     # ---- allocation -------------------------------------------------------------------------
     def _take_free(self) -> int:
@@ -111,6 +137,7 @@ class BlockManager:
         for b in hits:
             self._ref(b)
         seq.block_table = hits + [self._take_free() for _ in range(needed)]
+        self._sync_table(seq, 0)
         seq.num_computed_tokens = num_cached
         seq.num_hashed_blocks = len(hits)
         if self.enable_prefix_caching:
@@ -127,13 +154,18 @@ class BlockManager:
         cow = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
         if needed + int(cow) > len(self.free):
             return False
+        if not needed and not cow:
+            return True
+        start = len(seq.block_table)
         if cow:
             src = seq.block_table[first]
             dst = self._take_free()
             self._unref(src)
             seq.block_table[first] = dst
             self.pending_copies.append((src, dst))
+            start = first
         seq.block_table.extend(self._take_free() for _ in range(needed))
+        self._sync_table(seq, start)
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -141,6 +173,7 @@ class BlockManager:
         for b in parent.block_table:
             self._ref(b)
         child.block_table = list(parent.block_table)
+        self._sync_table(child, 0)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_hashed_blocks = parent.num_hashed_blocks
 
@@ -149,6 +182,9 @@ class BlockManager:
         for b in reversed(seq.block_table):
             self._unref(b)
         seq.block_table = []
+        if seq.table_row >= 0:
+            self._free_rows.append(seq.table_row)
+            seq.table_row = -1
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
@@ -156,7 +192,8 @@ class BlockManager:
         """Register seq's newly completed full blocks (their K/V now computed) in the hash table."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Only blocks whose tokens are all known: the newest one may be still on the device.
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_hashed_blocks:
             return
         bs = self.block_size
@@ -190,6 +227,9 @@ class BlockManager:
                 raise AssertionError(f"block {b}: ref_count {ref_count} != {counts[b]} users")
             if (ref_count == 0) != (b in self.free):
                 raise AssertionError(f"block {b}: free-list membership disagrees with ref_count")
+        for s in seqs:
+            if s.block_table and list(self.table_array[s.table_row, : len(s.block_table)]) != s.block_table:
+                raise AssertionError(f"sequence {s.seq_id}: table_array row disagrees with its block table")
         for h, b in self.hash_to_block.items():
             if self.hashes[b] != h:
                 raise AssertionError(f"hash table entry for block {b} is stale")

@@ -17,16 +17,26 @@ import torch
 from paged_backend.args import EngineArgs
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.detokenizer import Detokenizer
-from paged_backend.engine.scheduler import Scheduler, ScheduledSeq
+from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
 from paged_backend.engine.sequence import Request, Sequence
 from paged_backend.engine.setup import EngineSetup, build_engine_parts
-from paged_backend.layers.sampler import Sampler, SamplingRow
+from paged_backend.layers.sampler import SampledTokens, Sampler, SamplingRow
 from paged_backend.outputs import CompletionOutput, RequestOutput
 from paged_backend.params import SamplingParams
+from paged_backend.runtime.transfer import to_device
 
 logger = logging.getLogger("paged_backend")
 
 PromptInput = Union[str, list[int]]
+
+
+@dataclass
+class _Batch:
+    """A launched batch: the sequences of its sampled rows, in row order, and their samples."""
+
+    row_seqs: list[Sequence]
+    sampled: SampledTokens
+    overlappable: bool  # no row's sampling reads the token history: the next batch may go first
 
 
 @dataclass
@@ -70,6 +80,7 @@ class Engine:
         self.max_seqs_in_step = 0
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
+        self._in_flight: Optional[_Batch] = None  # launched, its tokens not read back yet
 
     # ---- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -139,21 +150,37 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
-        """Run one batch. Returns the outputs of the requests it advanced (only the finished ones
-        when emit_unfinished is False: the offline API needs nothing else)."""
+        """Launch one batch, then post-process the previous one while the GPU runs this one.
+
+        Returns the outputs of the requests the previous batch advanced (only the finished ones
+        when emit_unfinished is False: the offline API needs nothing else). A sequence sampled in
+        batch N takes part in batch N+1 before the host has read its token: the token goes from
+        the sampler's output straight into N+1's inputs on the device. If its token ends it, the
+        extra position computed for it is dropped. Batches whose sampling reads the token history
+        (penalties, min_tokens) are post-processed before the next one is scheduled.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._in_flight.overlappable:
+            outputs += self._finish_batch(self._in_flight, emit_unfinished)
+            self._in_flight = None
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler could not run anything although requests are waiting")
-            return []
+        launched = self._launch(sched) if sched.scheduled else None
+        if self._in_flight is not None:
+            outputs += self._finish_batch(self._in_flight, emit_unfinished)
+        elif launched is None and self.scheduler.has_work():
+            raise RuntimeError("scheduler could not run anything although requests are waiting")
+        self._in_flight = launched
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput) -> _Batch:
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(sched.scheduled))
-        logits = self.runner.execute(sched)
+        prev = self._in_flight.sampled.token_ids if self._in_flight is not None else None
+        logits = self.runner.execute(sched, prev)
 
         rows: list[SamplingRow] = []
         row_seqs: list[Sequence] = []
         logit_index: list[int] = []
-        touched: dict[str, Request] = {}
         num_logit_rows = 0
         for s in sched.scheduled:
             seq = s.seq
@@ -167,14 +194,31 @@ class Engine:
                 row_seqs.append(member)
                 logit_index.append(num_logit_rows)
             num_logit_rows += 1
-        if rows:
-            if len(logit_index) != num_logit_rows:
-                logits = logits.index_select(0, torch.tensor(logit_index, device=logits.device))
-            out = self.sampler(logits, rows)
-            now = time.time()
-            for k, seq in enumerate(row_seqs):
-                self._append_token(seq, out.token_ids[k], out.logprobs[k], out.top_logprobs[k], now)
-                touched[seq.request.request_id] = seq.request
+        if len(logit_index) != num_logit_rows:
+            logits = logits.index_select(0, to_device(logit_index, torch.int64, logits.device))
+        sampled = self.sampler.sample(logits, rows)
+        for k, seq in enumerate(row_seqs):
+            seq.num_pending_tokens += 1
+            seq.pending_row = k
+            p = seq.params
+            seq.pending_is_last = seq.num_total_tokens >= self.max_model_len or (
+                p.max_tokens is not None and seq.num_total_tokens - seq.num_prompt_tokens >= p.max_tokens
+            )
+        overlappable = not any(_reads_history(r.params) for r in rows)
+        return _Batch(row_seqs, sampled, overlappable)
+
+    def _finish_batch(self, batch: _Batch, emit_unfinished: bool) -> list[RequestOutput]:
+        """Read a launched batch's tokens back and post-process them (stops, text, outputs)."""
+        out = batch.sampled.resolve()
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for k, seq in enumerate(batch.row_seqs):
+            seq.num_pending_tokens -= 1
+            if seq.finished:  # stopped by an earlier token, or aborted: this one is dropped
+                continue
+            self._append_token(seq, out.token_ids[k], out.logprobs[k], out.top_logprobs[k], now)
+            self.block_manager.cache_full_blocks(seq)
+            touched[seq.request.request_id] = seq.request
         outputs = []
         for req in touched.values():
             if req.finished:
@@ -203,12 +247,10 @@ class Engine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
-        # Only penalties and min_tokens read the history; skip copying it otherwise.
-        needs_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
         return SamplingRow(
             params=p,
             prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids if needs_history else [],
+            output_token_ids=seq.output_token_ids if _reads_history(p) else [],
             generator=seq.generator,
             eos_token_ids=self.eos_token_ids,
         )
@@ -310,7 +352,13 @@ class Engine:
     def shutdown(self) -> None:
         for rid in list(self.requests):
             self.abort_request(rid)
+        self._in_flight = None
         self.runner.release()
+
+
+def _reads_history(p: SamplingParams) -> bool:
+    """Only penalties and min_tokens read the generated tokens when sampling."""
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty or p.min_tokens)
 
 
 def coerce_params(params) -> SamplingParams:

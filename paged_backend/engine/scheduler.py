@@ -14,6 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.sequence import Sequence, SequenceStatus
 
@@ -26,7 +28,7 @@ class ScheduledSeq:
     @property
     def completes_prompt(self) -> bool:
         """After this step every known token of seq has K/V, so its next token gets sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     block_copies: list[tuple[int, int]]  # copy-on-write (src, dst) to run before the forward
     num_preempted: int
+    block_tables: np.ndarray  # the block manager's table array; row seq.table_row is seq's table
 
     @property
     def num_tokens(self) -> int:
@@ -70,7 +73,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.pending_is_last:  # its last token is still on the device: nothing more to compute
+                i += 1
+                continue
+            num_new = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -87,8 +93,8 @@ class Scheduler:
         slots_used = sum(1 + s.pending_forks for s in self.running)
         while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
-            if slots_used + 1 + seq.pending_forks > self.max_num_seqs:
-                break
+            if slots_used + 1 + seq.pending_forks > self.max_num_seqs or seq.num_pending_tokens:
+                break  # (a preempted sequence waits for its last sampled token before it re-runs)
             num_new = bm.allocate_new(seq, budget)
             if num_new is None:
                 break
@@ -103,7 +109,7 @@ class Scheduler:
             budget -= num_new
             slots_used += 1 + seq.pending_forks
 
-        return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted)
+        return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted, bm.table_array)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -51,8 +51,15 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1  # its row in the block manager's block-table array while it holds blocks
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     pending_forks: int = 0  # siblings still to fork off once the prompt is prefilled
+    # A token sampled on the device and not yet read back (the engine overlaps the next step with
+    # it): its K/V is computed in the next step from the device copy; pending_row is its row in
+    # that step's sampled ids, and pending_is_last says it ends the sequence by length.
+    num_pending_tokens: int = 0
+    pending_row: int = -1
+    pending_is_last: bool = False
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
     cumulative_logprob: float = 0.0
@@ -79,6 +86,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Known tokens plus the one still on the device."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def finished(self) -> bool:

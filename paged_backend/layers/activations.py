@@ -1,18 +1,19 @@
-"""Gated activations over a fused gate/up projection: [..., 2*I] -> [..., I]."""
+"""Gated activations over a fused gate/up projection: [..., 2*I] -> [..., I] (`kernels.gated_activation`:
+one Triton kernel on CUDA, the torch twin on CPU)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from paged_backend import kernels
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, where the input is cat(gate, up) along the last dim (Llama family)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return kernels.gated_activation(x, "silu")
 
 
 class GeluAndMul(nn.Module):
@@ -23,8 +24,7 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=self.approximate) * up
+        return kernels.gated_activation(x, "gelu_tanh" if self.approximate == "tanh" else "gelu")
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

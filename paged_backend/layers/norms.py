@@ -1,9 +1,16 @@
-"""RMSNorm variants, numerically identical to transformers' so fp32 greedy decoding matches exactly."""
+"""RMSNorm variants, numerically identical to transformers' so fp32 greedy decoding matches exactly.
+
+The arithmetic lives in `kernels.rms_norm` (one Triton kernel on CUDA, its torch twin on CPU), which
+can also fold the residual add that precedes a norm into the same pass: `norm(x, residual)` returns
+`(norm(x + residual), x + residual)`.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from paged_backend import kernels
 
 
 class RMSNorm(nn.Module):
@@ -12,37 +19,24 @@ class RMSNorm(nn.Module):
     The cast happens *before* the weight multiply (as in HF's LlamaRMSNorm), which matters in bf16.
     """
 
+    gemma = False
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim) if not self.gemma else torch.zeros(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual, gemma=self.gemma)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma-style RMSNorm: the whole computation, including the (1 + weight) scale, runs in fp32.
 
     Checkpoints store `weight` as an offset from 1 (zero-initialised).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = out * (1.0 + self.weight.float())
-        return out.type_as(x)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+    gemma = True

@@ -69,7 +69,7 @@ def compute_inv_freq(config, head_dim: int, layer_type: str | None = None) -> tu
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for a set of positions; `apply_rotary` rotates q/k with them."""
+    """cos/sin for a set of positions; `kernels.rotary` rotates q/k with them."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
@@ -93,11 +93,3 @@ class RotaryEmbedding(nn.Module):
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotation of x [T, H, D] by cos/sin [T, D/2] (computed in x's dtype, like transformers)."""
-    cos = cos.to(x.dtype).unsqueeze(1)
-    sin = sin.to(x.dtype).unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

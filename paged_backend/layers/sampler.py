@@ -23,6 +23,7 @@ import torch
 
 from paged_backend.layers import logits_processors as lp
 from paged_backend.params import SamplingParams
+from paged_backend.runtime.transfer import HostResult, to_device
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
 GREEDY_EPS = 1e-5
@@ -69,7 +70,6 @@ class _Batch:
     max_top_k: int
     top_p: torch.Tensor             # [N]
     min_p: torch.Tensor             # [N]
-    all_greedy: bool
     any_top_p: bool
     any_min_p: bool
 
@@ -80,15 +80,14 @@ class _Batch:
         top_p = [1.0 if g else r.params.top_p for r, g in zip(rows, greedy)]
         min_p = [0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]
         temp = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy)]
-        f32 = dict(dtype=torch.float32, device=device)
+        f32 = torch.float32
         return cls(
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=torch.tensor(temp, **f32),
-            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            greedy=to_device(greedy, torch.bool, device),
+            temperature=to_device(temp, f32, device),
+            top_k=to_device(top_k, torch.long, device),
             max_top_k=max(top_k, default=0),
-            top_p=torch.tensor(top_p, **f32),
-            min_p=torch.tensor(min_p, **f32),
-            all_greedy=all(greedy),
+            top_p=to_device(top_p, f32, device),
+            min_p=to_device(min_p, f32, device),
             any_top_p=any(p < 1.0 for p in top_p),
             any_min_p=any(p > 0.0 for p in min_p),
         )
@@ -98,6 +97,10 @@ def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     """min_tokens masking, repetition penalty, presence and frequency penalties (no temperature)."""
     n, vocab = logits.shape
     device = logits.device
+    distinct = {id(r.params): r.params for r in rows}.values()  # rows mostly share a few params
+    if not any(p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+               for p in distinct):
+        return logits
 
     masked_rows, masked_ids = [], []
     for i, r in enumerate(rows):
@@ -171,41 +174,21 @@ def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow], greedy: lis
     return q.clamp_min_(torch.finfo(probs.dtype).tiny)
 
 
-class Sampler:
-    """``Sampler()(logits[N, V], rows) -> SamplerOutput``; stateless (generators live in the rows)."""
+class SampledTokens:
+    """One step's samples: the token ids on the device at once (the next step can read them
+    there), everything on the host when `resolve()` is called (it waits for the copy)."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(
-                f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
-                f"{tuple(logits.shape)} and {len(rows)} rows"
-            )
-        if not rows:
-            return SamplerOutput([], [], [])
-        logits = logits.float()
-        vocab = logits.shape[1]
-        batch = _Batch.build(rows, vocab, logits.device)
-        greedy = [_is_greedy(r.params) for r in rows]
+    def __init__(self, token_ids: torch.Tensor, logprobs: torch.Tensor, top, want: list[int | None]):
+        self.token_ids = token_ids
+        self._want = want
+        self._host = HostResult([token_ids, logprobs, *top])
 
-        penalised = apply_penalties_and_masks(logits, rows)
-        token_ids = penalised.argmax(dim=1)
-        if not batch.all_greedy:
-            probs = _filter(penalised, batch).softmax(dim=1)
-            sampled = (probs / _exponential_noise(probs, rows, greedy)).argmax(dim=1)
-            token_ids = torch.where(batch.greedy, token_ids, sampled)
-
-        raw_logprobs = logits.log_softmax(dim=1)
-        chosen_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        want = [r.params.logprobs for r in rows]
-        max_k = min(max((k for k in want if k is not None), default=0), vocab)
-        top_vals = top_ids = None
-        if max_k > 0:
-            top = raw_logprobs.topk(max_k, dim=1)
-            top_vals, top_ids = top.values.tolist(), top.indices.tolist()
-
-        ids_list, lp_list = token_ids.tolist(), chosen_lp.tolist()   # one device->host sync
+    def resolve(self) -> SamplerOutput:
+        host = self._host.get()
+        ids_list, lp_list = host[0].tolist(), host[1].tolist()
+        top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
         top_logprobs: list[dict[int, float] | None] = []
-        for i, k in enumerate(want):
+        for i, k in enumerate(self._want):
             if k is None:
                 top_logprobs.append(None)
                 continue
@@ -213,3 +196,40 @@ class Sampler:
             entry[ids_list[i]] = lp_list[i]
             top_logprobs.append(entry)
         return SamplerOutput(token_ids=ids_list, logprobs=lp_list, top_logprobs=top_logprobs)
+
+
+class Sampler:
+    """``Sampler()(logits[N, V], rows) -> SamplerOutput``; stateless (generators live in the rows).
+    ``sample`` is the same without waiting for the device."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        return self.sample(logits, rows).resolve()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
+                f"{tuple(logits.shape)} and {len(rows)} rows"
+            )
+        logits = logits.float()
+        vocab = logits.shape[1]
+        greedy = [_is_greedy(r.params) for r in rows]
+
+        penalised = apply_penalties_and_masks(logits, rows)
+        token_ids = penalised.argmax(dim=1)
+        if not all(greedy):
+            batch = _Batch.build(rows, vocab, logits.device)
+            probs = _filter(penalised, batch).softmax(dim=1)
+            sampled = (probs / _exponential_noise(probs, rows, greedy)).argmax(dim=1)
+            token_ids = torch.where(batch.greedy, token_ids, sampled)
+
+        want = [r.params.logprobs for r in rows]
+        max_k = min(max((k for k in want if k is not None), default=0), vocab)
+        if max_k > 0:
+            raw_logprobs = logits.log_softmax(dim=1)
+            chosen_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            top = raw_logprobs.topk(max_k, dim=1)
+            return SampledTokens(token_ids, chosen_lp, (top.values, top.indices), want)
+        # Only the chosen token's log-probability: logit - logsumexp, without a [N, V] log_softmax.
+        chosen_lp = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
+        return SampledTokens(token_ids, chosen_lp, (), want)

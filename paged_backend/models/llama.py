@@ -43,13 +43,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
-        residual = hidden
-        hidden = self.self_attn(self.input_layernorm(hidden), rope, meta)
-        hidden = residual + hidden
-        residual = hidden
-        hidden = self.mlp(self.post_attention_layernorm(hidden))
-        return residual + hidden
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, meta: AttentionMetadata):
+        """(hidden, residual) -> (hidden, residual): each residual add is folded into the norm after it
+        (the last one into the model's final norm)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -63,9 +66,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, rope, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):

@@ -31,7 +31,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = -(-max_model_len // (block_size * 16)) * 16  # the runner's table widths are multiples of 16
         i32 = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -74,24 +74,15 @@ class DecodeGraphs:
                     time.perf_counter() - t0)
 
     def run(self, input_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
-        """Host lists of one decode step (B sequences) -> hidden states [B, hidden]."""
-        b = len(input_ids)
+        """Device tensors of one decode step (B sequences) -> hidden states [B, hidden]."""
+        b = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= b)
-        width = max(len(t) for t in block_tables)
-        host = torch.zeros(3 * bs + bs * width, dtype=torch.int64, pin_memory=True)
-        host[:b] = torch.tensor(input_ids)
-        host[bs : bs + b] = torch.tensor(positions)
-        host[2 * bs : 3 * bs].fill_(-1)
-        host[2 * bs : 2 * bs + b] = torch.tensor(slots)
-        tables = host[3 * bs :].view(bs, width)
-        tables[:b] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
-        dev = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bs].copy_(dev[:bs])
-        self.positions[:bs].copy_(dev[bs : 2 * bs])
-        self.slot_mapping[:bs].copy_(dev[2 * bs : 3 * bs])
-        self.block_tables[:bs, :width].copy_(dev[3 * bs :].view(bs, width))
-        lens = torch.ones(bs, dtype=torch.int32, pin_memory=True)
-        lens[:b] = torch.tensor(seq_lens, dtype=torch.int32)
-        self.seq_lens[:bs].copy_(lens, non_blocking=True)
+        self.input_ids[:b].copy_(input_ids)
+        self.positions[:b].copy_(positions)
+        self.slot_mapping[:b].copy_(slots)
+        self.slot_mapping[b:bs].fill_(-1)
+        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.seq_lens[b:bs].fill_(1)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

@@ -7,6 +7,7 @@ attention layers once) and knows nothing about requests beyond their token ids a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from paged_backend import kernels
 from paged_backend.engine.scheduler import SchedulerOutput
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.runtime.cuda_graphs import DecodeGraphs
+from paged_backend.runtime.transfer import int32_arrays_to_device, to_device
 
 
 class ModelRunner:
@@ -22,7 +24,6 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.kv_caches: list[torch.Tensor] = []
-        self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None  # decode steps under CUDA graphs (CUDA only)
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
@@ -33,75 +34,79 @@ class ModelRunner:
             attn.kv_cache = cache
         self.kv_caches = kv_caches
 
-    def _to_device(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True)
-
-    def _host_batch(self, sched: SchedulerOutput):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        qsl = [0]
-        logit_rows: list[int] = []
-        tables = []
-        for s in sched.scheduled:
-            seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(start + n)
-            qsl.append(qsl[-1] + n)
-            tables.append(table)
-            if s.completes_prompt:
-                logit_rows.append(qsl[-1] - 1)
-        return input_ids, positions, slots, seq_lens, qsl, tables, logit_rows
-
-    def build_batch(self, sched: SchedulerOutput):
-        """Flat input ids, positions and attention metadata; and which rows produce logits."""
-        input_ids, positions, slots, seq_lens, qsl, tables, logit_rows = self._host_batch(sched)
-        width = max(len(t) for t in tables)
-        block_tables = [t + [0] * (width - len(t)) for t in tables]
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(block_tables, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            query_start_loc=self._to_device(qsl, torch.int32),
-            max_query_len=max(s.num_new_tokens for s in sched.scheduled),
-            max_seq_len=max(seq_lens),
-        )
-        ids = self._to_device(input_ids, torch.int64)
-        pos_t = self._to_device(positions, torch.int64)
-        return ids, pos_t, meta, logit_rows
+    def _host_batch(self, sched: SchedulerOutput) -> list[np.ndarray]:
+        """The step's inputs as int32 arrays: input ids, positions, slots, seq lens, query start
+        locations, block tables, the rows whose logits are sampled, and where the device must put
+        tokens sampled last step that the host has not read back yet (destination, source row)."""
+        sc = sched.scheduled
+        b, bs = len(sc), self.block_size
+        n = np.fromiter((s.num_new_tokens for s in sc), np.int64, b)
+        start = np.fromiter((s.seq.num_computed_tokens for s in sc), np.int64, b)
+        rows = np.fromiter((s.seq.table_row for s in sc), np.int64, b)
+        completes = np.fromiter((s.completes_prompt for s in sc), bool, b)
+        seq_lens = start + n
+        qsl = np.zeros(b + 1, np.int64)
+        np.cumsum(n, out=qsl[1:])
+        owner = np.repeat(np.arange(b), n)  # the sequence of each new token
+        positions = np.arange(qsl[-1]) - qsl[owner] + start[owner]
+        # A width that is a multiple of 16: Triton compiles a kernel variant per divisibility of
+        # the tables' row stride, and a width that changes with every step would keep hitting both.
+        width = -(-int(seq_lens.max()) // (bs * 16)) * 16
+        tables = sched.block_tables[rows, :width]
+        slots = tables[owner, positions // bs] * bs + positions % bs
+        ids: list[int] = []
+        pending_dst: list[int] = []
+        pending_src: list[int] = []
+        for s in sc:
+            seq, first = s.seq, s.seq.num_computed_tokens
+            if first < len(seq.token_ids):
+                ids.extend(seq.token_ids[first : first + s.num_new_tokens])
+            else:  # its one new token was sampled last step and is still only on the device
+                pending_dst.append(len(ids))
+                pending_src.append(seq.pending_row)
+                ids.append(0)
+        return [np.array(ids), positions, slots, seq_lens, qsl, tables, (qsl[1:] - 1)[completes],
+                np.array(pending_dst), np.array(pending_src)]
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
         self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Logits [num rows that complete their known tokens, vocab] in fp32, in schedule order."""
+    def execute(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [num rows that complete their known tokens, vocab] in fp32, in schedule order.
+
+        prev_tokens: the previous step's sampled ids on the device, for sequences whose newest
+        token the host has not read back yet. Nothing here waits for the GPU.
+        """
         if sched.block_copies:
             src, dst = zip(*sched.block_copies)
             kernels.copy_blocks(
-                self.kv_caches, self._to_device(src, torch.int64), self._to_device(dst, torch.int64)
+                self.kv_caches, to_device(src, torch.int64, self.device), to_device(dst, torch.int64, self.device)
             )
-        if self.graphs is not None and len(sched.scheduled) <= self.graphs.max_batch and all(
-            s.num_new_tokens == 1 for s in sched.scheduled
-        ):
-            input_ids, positions, slots, seq_lens, _, tables, logit_rows = self._host_batch(sched)
-            hidden = self.graphs.run(input_ids, positions, slots, tables, seq_lens)
+        host = self._host_batch(sched)
+        ids, positions, slots, seq_lens, qsl, tables, logit_rows, pending_dst, pending_src = (
+            int32_arrays_to_device(host, self.device)
+        )
+        ids, positions, slots = ids.long(), positions.long(), slots.long()
+        if pending_dst.numel():
+            ids[pending_dst.long()] = prev_tokens[pending_src.long()]
+        decode_only = ids.shape[0] == seq_lens.shape[0]
+        if self.graphs is not None and decode_only and seq_lens.shape[0] <= self.graphs.max_batch:
+            hidden = self.graphs.run(ids, positions, slots, tables, seq_lens)
         else:
-            ids, positions, meta, logit_rows = self.build_batch(sched)
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                block_tables=tables,
+                seq_lens=seq_lens,
+                query_start_loc=qsl,
+                max_query_len=int((host[4][1:] - host[4][:-1]).max()),
+                max_seq_len=int(host[3].max()),
+            )
             hidden = self.model(ids, positions, meta)
-        if not logit_rows:
+        if not logit_rows.numel():
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        rows = self._to_device(logit_rows, torch.int64)
-        return self.model.compute_logits(hidden.index_select(0, rows)).float()
+        return self.model.compute_logits(hidden.index_select(0, logit_rows)).float()
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, spec) -> None:

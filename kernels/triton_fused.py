@@ -1,0 +1,145 @@
+"""Triton kernels for the element-wise work around attention and the MLP: RMSNorm with the residual
+add folded in, the gated activations (act(gate) * up) and the rotary embedding. Each is one kernel
+where the plain-torch twins in reference.py run a chain of small ops; in a decode step, at a few
+hundred tokens, those chains were hundreds of tiny launches per forward pass.
+
+Same numerics as the twins: wherever a twin rounds an intermediate to the model dtype (torch ops on
+bf16 tensors round after each op), the kernel rounds it too; the rest is computed in fp32. Like
+triton_impl.py this module is self-contained and calls only Triton builtins, because
+kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _own_sum(a, b):
+    return a + b
+
+
+# Triton's own combine function where present: the interpreter reduces it with numpy.
+_sum_combine = getattr(tl.standard, "_sum_combine", _own_sum)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    stride_x, stride_r, N, eps,
+    HAS_RES: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # torch's add, rounded
+        tl.store(res_out_ptr + row * N + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.reduce(xf * xf, 0, _sum_combine) / N
+    h = xf * tl.math.rsqrt(var + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        out = h * (1.0 + w)
+    else:
+        out = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w  # weight * x.to(dtype)
+    tl.store(out_ptr + row * N + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x, weight, eps, residual=None, gemma=False):
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, n)
+        if r2.stride(1) != 1:
+            r2 = r2.contiguous()
+        res_out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    else:
+        r2 = res_out = x2
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, eps,
+            HAS_RES=residual is not None, GEMMA=gemma, BLOCK=triton.next_power_of_2(n),
+        )
+    out = out.view(shape)
+    return out if residual is None else (out, res_out.view(shape))
+
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+@triton.jit
+def _gated_kernel(x_ptr, out_ptr, stride_x, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 1 + tanh(y) = 2 / (1 + e^-2y)
+    else:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    a = a.to(out_ptr.dtype.element_ty).to(tl.float32)  # torch rounds the activation before the product
+    tl.store(out_ptr + row * I + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_activation(x, activation):
+    i = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * i)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], i), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(i))
+    if x2.shape[0]:
+        _gated_kernel[(x2.shape[0], triton.cdiv(i, block))](
+            x2, out, x2.stride(0), i, ACT=ACTIVATIONS[activation], BLOCK=block
+        )
+    return out.view(*x.shape[:-1], i)
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ct, H,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    dt = out_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+    src = x_ptr + t * stride_xt + h * stride_xh
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    o1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+    dst = out_ptr + (t * H + h) * (2 * HALF)
+    tl.store(dst + offs, o1, mask=mask)
+    tl.store(dst + HALF + offs, o2, mask=mask)
+
+
+def rotary(x, cos, sin):
+    t, h, d = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    if t:
+        _rotary_kernel[(t, h)](
+            x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), h,
+            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+        )
+    return out

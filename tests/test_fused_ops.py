@@ -1,0 +1,108 @@
+"""The element-wise kernels (RMSNorm + residual, gated activations, rotary): Triton through its
+interpreter on CPU tensors against the torch twins, which are the models' own (transformers') code;
+the same at real shapes on the GPU (marked `gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paged_backend import kernels
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# fp32: reduction order only; bf16/fp16: at most a rounding step apart somewhere.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def randn(*shape, dtype, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+
+def check_rms_norm(t, n, dtype, gemma, with_residual, device, impl):
+    x = randn(t, n, dtype=dtype, device=device, seed=1) * 3
+    w = randn(n, dtype=dtype, device=device, seed=2)
+    res = randn(t, n, dtype=dtype, device=device, seed=3) if with_residual else None
+    out = kernels.rms_norm(x, w, 1e-6, res, gemma=gemma, impl=impl)
+    ref = kernels.rms_norm(x, w, 1e-6, res, gemma=gemma, impl="reference")
+    if with_residual:
+        close(out[0], ref[0], dtype)
+        if dtype != torch.bfloat16 or device == "cuda":  # the interpreter truncates fp32 -> bf16
+            assert torch.equal(out[1], ref[1]), "x + residual must be exactly torch's sum in x's dtype"
+        close(out[1], ref[1], dtype)
+    else:
+        close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, gemma, with_residual):
+    check_rms_norm(7, 48, dtype, gemma, with_residual, "cpu", "triton")  # 48: not a power of two
+
+
+def test_rms_norm_of_strided_heads():
+    """Qwen3/Gemma3 q/k norm: [T, H, D] views into the fused qkv output."""
+    qkv = randn(5, 3 * 4 * 16, dtype=torch.float32)
+    q = qkv[:, : 4 * 16].view(5, 4, 16)
+    w = randn(16, dtype=torch.float32, seed=4)
+    close(kernels.rms_norm(q, w, 1e-6, impl="triton"), kernels.rms_norm(q, w, 1e-6, impl="reference"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_gated_activation(dtype, activation):
+    x = randn(6, 2 * 40, dtype=dtype) * 2
+    close(kernels.gated_activation(x, activation, impl="triton"),
+          kernels.gated_activation(x, activation, impl="reference"), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [16, 64])
+def test_rotary_on_a_view_of_the_qkv_output(dtype, d):
+    t, hq, hkv = 9, 4, 2
+    qkv = randn(t, (hq + 2 * hkv) * d, dtype=dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    pos = torch.arange(100, 100 + t, dtype=torch.float32)
+    freqs = pos[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos, sin = freqs.cos(), freqs.sin()
+    for x in (q, k):
+        out = kernels.rotary(x, cos, sin, impl="triton")
+        assert out.is_contiguous()
+        close(out, kernels.rotary(x, cos, sin, impl="reference"), dtype)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        kernels.rms_norm(x, torch.ones(8), 1e-6, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="activation"):
+        kernels.gated_activation(x, "relu")
+    with pytest.raises(ValueError, match="cos/sin"):
+        kernels.rotary(x.view(3, 2, 4), torch.randn(3, 4), torch.randn(3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [256, 8192])
+def test_gpu_real_shapes(dtype, t):
+    for gemma in (False, True):
+        check_rms_norm(t, 2048, dtype, gemma, True, "cuda", None)
+    for act in ("silu", "gelu_tanh"):
+        x = randn(t, 2 * 8192, dtype=dtype, device="cuda")
+        close(kernels.gated_activation(x, act), kernels.gated_activation(x, act, impl="reference"), dtype)
+    x = randn(t, 32, 64, dtype=dtype, device="cuda")
+    freqs = torch.rand(t, 32, device="cuda") * 1000
+    close(kernels.rotary(x, freqs.cos(), freqs.sin()),
+          kernels.rotary(x, freqs.cos(), freqs.sin(), impl="reference"), dtype)
