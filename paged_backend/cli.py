@@ -2,7 +2,8 @@
 
     paged-backend generate "What is the capital of France?"
     paged-backend chat --model smollm2-135m-instruct
-    paged-backend bench --model llama-3.2-1b --peer hf
+    paged-backend bench throughput --model llama-3.2-1b --peers hf-generate,hf-generate-batch
+    paged-backend bench latency --model llama-3.2-1b --batch-size 8
     paged-backend serve --model smollm2-135m-instruct --port 3000   # OpenAI-compatible, via BentoML
 """
 
@@ -104,9 +105,9 @@ def cmd_chat(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from paged_backend.bench import run_workload
+    from paged_backend.bench.run import main as bench_main
 
-    run_workload(a)
+    bench_main(a)
     return 0
 
 
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
 
-    b = sub.add_parser("bench", help="throughput on workload A (random prompts, fixed output length, dummy weights)")
-    from paged_backend.bench import add_arguments
+    b = sub.add_parser("bench", help="throughput (workload A by default) or latency, against peers and the roofline")
+    from paged_backend.bench.run import add_arguments
 
     add_arguments(b)
     b.set_defaults(func=cmd_bench)

@@ -1,19 +1,37 @@
-"""The workload-A benchmark runs on the CPU (tiny dummy model) with its transformers peer."""
+"""`paged-backend bench` on the CPU (tiny dummy model) with its transformers peers: the numbers are
+meaningless here, but the whole path (dataset, engine, peers, roofline, JSON, PNG) runs."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from paged_backend.cli import main
 
 
-def test_bench_cli_on_cpu_with_hf_peer(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    main(["bench", "--model", "tiny", "--num-prompts", "6", "--output-len", "8", "--min-input-len", "5",
-          "--max-input-len", "40", "--device", "cpu", "--peer", "hf", "--json", str(out)])
+def test_bench_throughput_with_peers_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = ["bench", "throughput", "--model", "tiny", "--num-prompts", "6", "--output-len", "8", "--input-len",
+            "5:40", "--device", "cpu", "--peers", "hf-generate,hf-generate-batch", "--json", str(out)]
+    plot = pytest.importorskip("matplotlib", reason="--plot needs matplotlib") and ["--plot", str(png)]
+    assert main(args + plot) == 0
     data = json.loads(out.read_text())
-    ours, peer = data["results"]
-    assert ours["output_tokens"] == peer["output_tokens"] == 6 * 8
-    assert ours["seconds"] > 0 and peer["seconds"] > 0
+    ours, static, cb = data["results"]
+    assert ours["output_tokens"] == static["output_tokens"] == cb["output_tokens"] == 6 * 8
+    assert all(r["seconds"] > 0 and 0 < r["roofline_fraction"] for r in data["results"])
+    assert ours["vs_hf-generate"] == pytest.approx(static["seconds"] / ours["seconds"])
+    assert data["timeline"][-1][1] == 6 * 8 and data["floor"]["total_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "paged-backend" in printed and "transformers generate" in printed
+    assert "paged-backend" in printed and "hf-generate-batch" in printed and "roofline" in printed
+
+
+def test_bench_latency_and_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "l.json"
+    assert main(["bench", "latency", "--model", "tiny", "--batch-size", "3", "--input-len", "12", "--output-len",
+                 "6", "--num-iters", "2", "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 2 and data["median_s"] > 0 and data["median_ttft_s"] > 0
+    assert main(["bench", "throughput", "--model", "tiny", "--peers", "vllm", "--device", "cpu"]) == 2
+    assert "unknown peer" in capsys.readouterr().err

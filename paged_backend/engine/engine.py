@@ -247,13 +247,18 @@ class Engine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
-        return SamplingRow(
+        if not _reads_history(p) and seq.sampling_row is not None:
+            return seq.sampling_row  # nothing in it changes from step to step
+        row = SamplingRow(
             params=p,
             prompt_token_ids=seq.request.prompt_token_ids,
             output_token_ids=seq.output_token_ids if _reads_history(p) else [],
             generator=seq.generator,
             eos_token_ids=self.eos_token_ids,
         )
+        if not _reads_history(p):
+            seq.sampling_row = row
+        return row
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: Optional[dict], now: float) -> None:
         params = seq.params

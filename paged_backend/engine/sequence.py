@@ -10,7 +10,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -60,6 +60,7 @@ class Sequence:
     num_pending_tokens: int = 0
     pending_row: int = -1
     pending_is_last: bool = False
+    sampling_row: Any = None  # the sampler's row for it, kept when it never changes
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
     cumulative_logprob: float = 0.0

@@ -1,0 +1,211 @@
+"""`paged-backend bench throughput | latency`: our engine and its peers on one workload, one run.
+
+    paged-backend bench throughput --model llama-3.2-1b --peers hf-generate,hf-generate-batch \\
+        --json out.json --plot out.png                         # workload A on the GPU
+    paged-backend bench latency --model llama-3.2-1b --batch-size 8 --input-len 512 --output-len 128
+    paged-backend bench throughput --model tiny --num-prompts 8 --device cpu   # smoke test on the CPU
+
+--model is a shape in SHAPES (random weights, the default) or any model the engine loads (then
+--load-format as for LLM). Throughput prints requests/s, total and output tok/s, the ratio to each
+peer and the fraction of the roofline (roofline.py) measured on this machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from paged_backend.bench import peers as peers_mod
+from paged_backend.bench.plot import write_plot
+from paged_backend.bench.roofline import ModelCost, floor_seconds, measure_rates
+from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or MIN:MAX with 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _engine(a, model_dir: str):
+    from paged_backend import LLM
+
+    kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
+              max_num_seqs=a.max_num_seqs)
+    if a.kv_cache_memory:
+        kw["kv_cache_memory"] = a.kv_cache_memory
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, **kw)
+    return llm, time.perf_counter() - t0
+
+
+def _drive(llm, requests: list[Request]) -> tuple[float, list[tuple[float, int]], list]:
+    """All requests at once through the engine; (seconds, [(t, tokens generated so far)] per step, outputs)."""
+    from paged_backend import SamplingParams
+
+    engine = llm.engine
+    base = engine.total_generated_tokens
+    _sync()
+    t0 = time.perf_counter()
+    for r in requests:
+        engine.add_request(r.prompt, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+    timeline, outputs = [], []
+    while engine.has_unfinished_requests():
+        outputs += engine.step(emit_unfinished=False)
+        timeline.append((time.perf_counter() - t0, engine.total_generated_tokens - base))
+    _sync()
+    return time.perf_counter() - t0, timeline, outputs
+
+
+def _warm_up(llm, requests: list[Request]) -> None:
+    _drive(llm, [Request(r.prompt, min(8, r.output_len)) for r in requests[:4]])
+
+
+def _model(a, tmp: str) -> tuple[str, str]:
+    """(model path, load format): a shape becomes a config + tokenizer directory with dummy weights."""
+    if a.model in SHAPES:
+        return str(make_model_dir(a.model, Path(tmp))), "dummy"
+    return a.model, a.load_format
+
+
+def _dataset(a, llm) -> list[Request]:
+    if a.prompt_file:
+        return prompt_file_dataset(a.prompt_file, llm.engine.tokenizer, a.output_len, a.seed)
+    return random_dataset(a.num_prompts, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
+
+
+def throughput(a) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        model, a.load_format = _model(a, tmp)
+        llm, startup_s = _engine(a, model)
+        device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
+        requests = _dataset(a, llm)
+        _warm_up(llm, requests)
+        seconds, timeline, outs = _drive(llm, requests)
+        stats = llm.stats()
+        llm.shutdown()
+        del llm
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        ours = dict(name="paged-backend", seconds=seconds, output_tokens=out_tokens, startup_s=startup_s,
+                    steps=stats.num_steps, preemptions=stats.num_preemptions, requests=len(requests))
+        results = [ours]
+        for name in a.peers:
+            if a.load_format != "dummy":
+                raise ValueError("peers run on dummy-weight shapes only (--model one of %s)" % sorted(SHAPES))
+            results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
+    rates = measure_rates(device, dtype)
+    floor = floor_seconds(ModelCost.of(config, torch.finfo(dtype).bits // 8),
+                          [len(r.prompt) for r in requests], [r.output_len for r in requests], rates)
+    in_tokens = sum(len(r.prompt) for r in requests)
+    for r in results:
+        r.update(requests_per_s=r["requests"] / r["seconds"], output_tok_per_s=r["output_tokens"] / r["seconds"],
+                 total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
+                 roofline_fraction=floor["total_s"] / r["seconds"])
+    for r in results[1:]:
+        ours[f"vs_{r['peer']}"] = r["seconds"] / ours["seconds"]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
+                  input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
+    _print_throughput(report)
+    _write(a, report, timeline, f"{a.model}, {len(requests)} requests, {where}")
+    return report
+
+
+def _print_throughput(rep: dict) -> None:
+    r0 = rep["rates"]
+    print(f"\n{rep['model']} on {rep['device']} ({rep['dtype']}): {rep['num_requests']} requests, "
+          f"{rep['input_tokens']} prompt tokens | measured: copy {r0['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"matmul {r0['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | roofline {rep['floor']['total_s']:.2f} s "
+          f"(prefill {rep['floor']['prefill_s']:.2f} + decode {rep['floor']['decode_s']:.2f})")
+    ours = rep["results"][0]
+    print(f"{'engine':72s} {'seconds':>8s} {'req/s':>7s} {'tok/s':>9s} {'out tok/s':>10s} {'ours vs':>8s} {'roofline':>9s}")
+    for r in rep["results"]:
+        ratio = "-" if r is ours else f"{r['seconds'] / ours['seconds']:.2f}x"
+        print(f"{r['name'][:72]:72s} {r['seconds']:8.2f} {r['requests_per_s']:7.2f} {r['total_tok_per_s']:9.0f} "
+              f"{r['output_tok_per_s']:10.0f} {ratio:>8s} {r['roofline_fraction']:9.1%}")
+    print(f"start-up of our engine (load, KV sizing, CUDA graphs): {ours['startup_s']:.1f} s")
+
+
+def latency(a) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        model, a.load_format = _model(a, tmp)
+        llm, startup_s = _engine(a, model)
+        batch = random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
+        _warm_up(llm, batch)
+        runs = []
+        for _ in range(a.num_iters):
+            seconds, _, outs = _drive(llm, batch)
+            ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+            itl = [x for o in outs for x in o.metrics.inter_token_latencies]
+            runs.append(dict(seconds=seconds, ttft=statistics.median(ttft), itl=statistics.mean(itl) if itl else 0.0))
+        llm.shutdown()
+    lat = sorted(r["seconds"] for r in runs)
+    report = dict(kind="latency", model=a.model, batch_size=a.batch_size, startup_s=startup_s, runs=runs,
+                  median_s=statistics.median(lat), p90_s=lat[min(len(lat) - 1, int(0.9 * len(lat)))],
+                  median_ttft_s=statistics.median(r["ttft"] for r in runs),
+                  mean_itl_s=statistics.mean(r["itl"] for r in runs))
+    print(f"\n{a.model}: batch {a.batch_size}, input {a.input_len}, output {a.output_len}, {a.num_iters} runs: "
+          f"median {report['median_s']:.3f} s, p90 {report['p90_s']:.3f} s, TTFT {report['median_ttft_s'] * 1e3:.1f} ms, "
+          f"inter-token {report['mean_itl_s'] * 1e3:.2f} ms")
+    _write(a, report, None, "")
+    return report
+
+
+def _write(a, report: dict, timeline, title: str) -> None:
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    if getattr(a, "plot", None):
+        write_plot(a.plot, report["results"], timeline, title)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_cmd", required=True)
+    t = sub.add_parser("throughput", help="many requests at once: requests/s, tok/s, vs peers, roofline")
+    lat = sub.add_parser("latency", help="one batch at a time: end-to-end latency, TTFT, inter-token")
+    for q in (t, lat):
+        q.add_argument("--model", default="llama-3.2-1b",
+                       help=f"a shape with random weights ({', '.join(sorted(SHAPES))}) or any model path/alias")
+        q.add_argument("--load-format", default="auto", help="for a model path (shapes are always dummy)")
+        q.add_argument("--dtype", default="auto")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--max-model-len", type=int, default=2048)
+        q.add_argument("--max-num-seqs", type=int, default=256)
+        q.add_argument("--kv-cache-memory", type=int, default=None)
+        q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json", default=None, help="write the results here")
+    t.add_argument("--num-prompts", type=int, default=256)
+    t.add_argument("--input-len", type=_range, default=(100, 1024), help="N or MIN:MAX (random token ids)")
+    t.add_argument("--prompt-file", default=None, help="one prompt per line instead of random token ids")
+    t.add_argument("--peers", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help=f"comma-separated, from {', '.join(peers_mod.PEERS)}")
+    t.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    t.set_defaults(bench_func=throughput)
+    lat.add_argument("--batch-size", type=int, default=8)
+    lat.add_argument("--input-len", type=_range, default=(512, 512))
+    lat.add_argument("--num-iters", type=int, default=5)
+    lat.set_defaults(bench_func=latency)
+
+
+def check_peers(a) -> None:
+    bad = [x for x in getattr(a, "peers", []) if x not in peers_mod.PEERS]
+    if bad:
+        raise ValueError(f"unknown peer(s) {bad}: choose from {list(peers_mod.PEERS)}")
+
+
+def main(a) -> dict:
+    check_peers(a)
+    return a.bench_func(a)
