@@ -69,6 +69,27 @@ def test_greedy_n_and_logprobs(llm):
     assert a.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(a.token_ids, a.logprobs)), rel=1e-4)
 
 
+def test_steps_are_pipelined_and_ends_are_exact(llm):
+    """Step N+1 is launched before step N's token is read back; a sequence that stops still ends with
+    exactly its tokens (the position computed after its last one is dropped) and frees its blocks."""
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    expected = llm.generate([_ids(20, 7)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = expected[2]
+    req = engine.add_request(_ids(20, 7), SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[stop_at]))
+    seq = req.seqs[0]
+    assert engine.step() == []  # prefill launched, its token still on the device
+    assert seq.num_pending_tokens == 1 and seq.num_output_tokens == 0
+    engine.step()  # the next decode step is launched first, then the first token is read back
+    assert seq.num_output_tokens == 1 and seq.num_pending_tokens == 1
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    out = finals[-1].outputs[0]
+    assert out.token_ids == expected[: expected.index(stop_at) + 1] and out.finish_reason == "stop"
+    assert llm.stats().num_blocks_used == 0
+
+
 def test_stop_strings_and_token_ids(llm):
     base = llm.generate([_ids(6, 3)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
     text, ids = base.outputs[0].text, base.outputs[0].token_ids
