@@ -22,14 +22,14 @@ def write_plot(path: str, results: list[dict], timeline: list[tuple[float, int]]
     # tokens/s over time: the tokens each step produced, binned by when it ended (50 bins)
     t_end = timeline[-1][0] if timeline else 1.0
     width = max(t_end / 50, 1e-3)
-    n = min(50, int(t_end / width)) + 1
-    bins = [0] * n
+    num_bins = min(50, int(t_end / width)) + 1
+    bins = [0] * num_bins
     prev = 0
     for t, tokens in timeline:
-        bins[min(int(t / width), n - 1)] += tokens - prev
+        bins[min(int(t / width), num_bins - 1)] += tokens - prev
         prev = tokens
-    xs = [(i + 0.5) * width for i in range(n)]
-    ys = [n / width for n in bins]
+    xs = [(i + 0.5) * width for i in range(num_bins)]
+    ys = [count / width for count in bins]
     line.plot(xs, ys, color="tab:green")
     line.set_xlabel("seconds since the first request")
     line.set_ylabel("output tokens / s")

@@ -200,10 +200,7 @@ class Engine:
         for k, seq in enumerate(row_seqs):
             seq.num_pending_tokens += 1
             seq.pending_row = k
-            p = seq.params
-            seq.pending_is_last = seq.num_total_tokens >= self.max_model_len or (
-                p.max_tokens is not None and seq.num_total_tokens - seq.num_prompt_tokens >= p.max_tokens
-            )
+            seq.pending_is_last = self._at_length_limit(seq, seq.num_total_tokens)
         overlappable = not any(_reads_history(r.params) for r in rows)
         return _Batch(row_seqs, sampled, overlappable)
 
@@ -246,19 +243,26 @@ class Engine:
         return members
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        p = seq.params
-        if not _reads_history(p) and seq.sampling_row is not None:
+        history = _reads_history(seq.params)
+        if seq.sampling_row is not None and not history:
             return seq.sampling_row  # nothing in it changes from step to step
         row = SamplingRow(
-            params=p,
+            params=seq.params,
             prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids if _reads_history(p) else [],
+            output_token_ids=seq.output_token_ids if history else [],
             generator=seq.generator,
             eos_token_ids=self.eos_token_ids,
         )
-        if not _reads_history(p):
+        if not history:
             seq.sampling_row = row
         return row
+
+    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether seq, once it holds num_tokens tokens, ends by length (max_tokens or max_model_len)."""
+        max_tokens = seq.params.max_tokens
+        return num_tokens >= self.max_model_len or (
+            max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
+        )
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: Optional[dict], now: float) -> None:
         params = seq.params
@@ -287,7 +291,7 @@ class Engine:
                 return self._finish_seq(seq, "stop", stop_str)
         if stop_token is not None:
             return self._finish_seq(seq, "stop", stop_token[1])
-        if (params.max_tokens is not None and num_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+        if self._at_length_limit(seq, seq.num_tokens):
             return self._finish_seq(seq, "length", None)
 
     def _finish_seq(self, seq: Sequence, reason: str, stop_reason) -> None:

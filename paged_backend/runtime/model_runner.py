@@ -34,10 +34,11 @@ class ModelRunner:
             attn.kv_cache = cache
         self.kv_caches = kv_caches
 
-    def _host_batch(self, sched: SchedulerOutput) -> list[np.ndarray]:
+    def _host_batch(self, sched: SchedulerOutput) -> tuple[list[np.ndarray], int, int]:
         """The step's inputs as int32 arrays: input ids, positions, slots, seq lens, query start
         locations, block tables, the rows whose logits are sampled, and where the device must put
-        tokens sampled last step that the host has not read back yet (destination, source row)."""
+        tokens sampled last step that the host has not read back yet (destination, source row);
+        and the longest query and sequence lengths."""
         sc = sched.scheduled
         b, bs = len(sc), self.block_size
         n = np.fromiter((s.num_new_tokens for s in sc), np.int64, b)
@@ -45,13 +46,14 @@ class ModelRunner:
         rows = np.fromiter((s.seq.table_row for s in sc), np.int64, b)
         completes = np.fromiter((s.completes_prompt for s in sc), bool, b)
         seq_lens = start + n
+        max_seq_len = int(seq_lens.max())
         qsl = np.zeros(b + 1, np.int64)
         np.cumsum(n, out=qsl[1:])
         owner = np.repeat(np.arange(b), n)  # the sequence of each new token
         positions = np.arange(qsl[-1]) - qsl[owner] + start[owner]
         # A width that is a multiple of 16: Triton compiles a kernel variant per divisibility of
         # the tables' row stride, and a width that changes with every step would keep hitting both.
-        width = -(-int(seq_lens.max()) // (bs * 16)) * 16
+        width = -(-max_seq_len // (bs * 16)) * 16
         tables = sched.block_tables[rows, :width]
         slots = tables[owner, positions // bs] * bs + positions % bs
         ids: list[int] = []
@@ -65,8 +67,9 @@ class ModelRunner:
                 pending_dst.append(len(ids))
                 pending_src.append(seq.pending_row)
                 ids.append(0)
-        return [np.array(ids), positions, slots, seq_lens, qsl, tables, (qsl[1:] - 1)[completes],
-                np.array(pending_dst), np.array(pending_src)]
+        arrays = [np.array(ids), positions, slots, seq_lens, qsl, tables, (qsl[1:] - 1)[completes],
+                  np.array(pending_dst), np.array(pending_src)]
+        return arrays, int(n.max()), max_seq_len
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
@@ -84,15 +87,14 @@ class ModelRunner:
             kernels.copy_blocks(
                 self.kv_caches, to_device(src, torch.int64, self.device), to_device(dst, torch.int64, self.device)
             )
-        host = self._host_batch(sched)
+        host, max_query_len, max_seq_len = self._host_batch(sched)
         ids, positions, slots, seq_lens, qsl, tables, logit_rows, pending_dst, pending_src = (
             int32_arrays_to_device(host, self.device)
         )
         ids, positions, slots = ids.long(), positions.long(), slots.long()
         if pending_dst.numel():
             ids[pending_dst.long()] = prev_tokens[pending_src.long()]
-        decode_only = ids.shape[0] == seq_lens.shape[0]
-        if self.graphs is not None and decode_only and seq_lens.shape[0] <= self.graphs.max_batch:
+        if self.graphs is not None and max_query_len == 1 and seq_lens.shape[0] <= self.graphs.max_batch:
             hidden = self.graphs.run(ids, positions, slots, tables, seq_lens)
         else:
             meta = AttentionMetadata(
@@ -100,8 +102,8 @@ class ModelRunner:
                 block_tables=tables,
                 seq_lens=seq_lens,
                 query_start_loc=qsl,
-                max_query_len=int((host[4][1:] - host[4][:-1]).max()),
-                max_seq_len=int(host[3].max()),
+                max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
             )
             hidden = self.model(ids, positions, meta)
         if not logit_rows.numel():
