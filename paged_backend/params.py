@@ -6,6 +6,8 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from paged_backend.structured.spec import StructuredOutputs
+
 
 class SamplingParams(BaseModel):
     """How to sample one request's completions.
@@ -35,6 +37,12 @@ class SamplingParams(BaseModel):
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="top-k logprobs per generated token")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: Optional[StructuredOutputs] = Field(
+        None,
+        description="constrain the output (grammar-guided decoding with xgrammar): one of json (a JSON schema "
+        "dict or a pydantic model class), json_object, regex, choice, grammar (EBNF); e.g. "
+        "{'json': MyModel} or {'choice': ['yes', 'no']}",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from paged_backend.layers.sampler import SampledTokens, Sampler, SamplingRow
 from paged_backend.outputs import CompletionOutput, RequestOutput
 from paged_backend.params import SamplingParams
 from paged_backend.runtime.transfer import to_device
+from paged_backend.structured.requests import StructuredRequests
 
 logger = logging.getLogger("paged_backend")
 
@@ -74,6 +75,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, parts.max_num_batched_tokens)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
+        self.structured = StructuredRequests(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
         self.num_steps = 0
@@ -118,12 +120,14 @@ class Engine:
             self._next_id += 1
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        req = Request(request_id, text, ids, params)
+        grammar = self.structured.submit(params.structured_outputs)  # ValueError if it does not convert
+        req = Request(request_id, text, ids, params, grammar=grammar)
         seq = Sequence(req, 0, list(ids), generator=self._generator(params, 0), pending_forks=params.n - 1)
         self.detokenizer.start(seq)
         req.seqs.append(seq)
         self.requests[request_id] = req
-        self.scheduler.add(seq)
+        if not self.structured.hold(seq):  # held back while its grammar compiles
+            self.scheduler.add(seq)
         self.total_prompt_tokens += len(ids)
         return req
 
@@ -159,7 +163,7 @@ class Engine:
         extra position computed for it is dropped. Batches whose sampling reads the token history
         (penalties, min_tokens) are post-processed before the next one is scheduled.
         """
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = self._admit_compiled()
         if self._in_flight is not None and not self._in_flight.overlappable:
             outputs += self._finish_batch(self._in_flight, emit_unfinished)
             self._in_flight = None
@@ -170,6 +174,21 @@ class Engine:
         elif launched is None and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
         self._in_flight = launched
+        return outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the requests whose grammar has compiled; end those whose grammar failed to."""
+        idle = self._in_flight is None and not self.scheduler.has_work()
+        ready, failed = self.structured.take_ready(wait_s=0.05 if idle else 0.0)
+        for seq in ready:
+            self.scheduler.add(seq)
+        outputs = []
+        for seq in failed:
+            self._finish_seq(seq, "abort", None)
+            req = self.requests.pop(seq.request.request_id)
+            req.seqs[0].pending_forks = 0
+            req.metrics.finished_time = time.time()
+            outputs.append(self._make_output(req, finished=True))
         return outputs
 
     def _launch(self, sched: SchedulerOutput) -> _Batch:
@@ -196,7 +215,7 @@ class Engine:
             num_logit_rows += 1
         if len(logit_index) != num_logit_rows:
             logits = logits.index_select(0, to_device(logit_index, torch.int64, logits.device))
-        sampled = self.sampler.sample(logits, rows)
+        sampled = self.sampler.sample(logits, rows, grammar_mask=self.structured.bitmask(row_seqs))
         for k, seq in enumerate(row_seqs):
             seq.num_pending_tokens += 1
             seq.pending_row = k
@@ -278,6 +297,10 @@ class Engine:
             m.inter_token_latencies.append(now - m.last_token_time)
         m.last_token_time = now
 
+        if seq.request.grammar is not None:
+            end = self.structured.follow(seq)
+            if end == "abort" or (end == "stop" and params.ignore_eos):  # (else: its EOS stops it below)
+                return self._finish_seq(seq, end, None)
         num_out = seq.num_output_tokens
         stop_token = None
         if num_out >= params.min_tokens:
@@ -343,7 +366,7 @@ class Engine:
             num_blocks_free=bm.num_free_blocks,
             num_blocks_cached=bm.num_cached_blocks,
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.structured.compiling),
             kv_slots_allocated=bm.num_used_blocks * bs,
             kv_slots_holding_tokens=sum(filled.values()),
             prefix_cache_hit_rate=bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
@@ -362,12 +385,15 @@ class Engine:
         for rid in list(self.requests):
             self.abort_request(rid)
         self._in_flight = None
+        self.structured.shutdown()
         self.runner.release()
 
 
 def _reads_history(p: SamplingParams) -> bool:
-    """Only penalties and min_tokens read the generated tokens when sampling."""
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty or p.min_tokens)
+    """Penalties, min_tokens and grammars read the generated tokens when sampling."""
+    return p.repetition_penalty != 1.0 or bool(
+        p.presence_penalty or p.frequency_penalty or p.min_tokens or p.structured_outputs
+    )
 
 
 def coerce_params(params) -> SamplingParams:

@@ -35,6 +35,7 @@ class Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
+    grammar: Any = None  # future of the compiled grammar (structured outputs), None if unconstrained
 
     @property
     def finished(self) -> bool:
@@ -61,6 +62,7 @@ class Sequence:
     pending_row: int = -1
     pending_is_last: bool = False
     sampling_row: Any = None  # the sampler's row for it, kept when it never changes
+    grammar: Any = None  # its grammar matcher (structured outputs), made when first sampled
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
     cumulative_logprob: float = 0.0

@@ -23,6 +23,7 @@ import torch
 
 from paged_backend.layers import logits_processors as lp
 from paged_backend.params import SamplingParams
+from paged_backend.runtime.grammar_mask import apply_grammar_bitmask
 from paged_backend.runtime.transfer import HostResult, to_device
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
@@ -205,7 +206,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         return self.sample(logits, rows).resolve()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], grammar_mask=None) -> SampledTokens:
+        """grammar_mask: (bitmask, row indices) of the rows under a grammar (structured outputs):
+        the tokens it forbids are removed before greedy choice, temperature and the filters."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
@@ -216,6 +219,10 @@ class Sampler:
         greedy = [_is_greedy(r.params) for r in rows]
 
         penalised = apply_penalties_and_masks(logits, rows)
+        if grammar_mask is not None:
+            if penalised is logits:  # logprobs are of the raw logits: keep them unmasked
+                penalised = logits.clone()
+            apply_grammar_bitmask(penalised, *grammar_mask)
         token_ids = penalised.argmax(dim=1)
         if not all(greedy):
             batch = _Batch.build(rows, vocab, logits.device)

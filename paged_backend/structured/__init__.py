@@ -1,0 +1,1 @@
+"""Structured outputs: grammar-constrained decoding with xgrammar (spec, compile cache, matchers)."""

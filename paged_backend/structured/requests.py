@@ -1,0 +1,92 @@
+"""The engine's side of structured outputs: requests wait for their grammar, rows get their mask.
+
+A constrained request is held here, outside the scheduler's queue, until its grammar has compiled
+(so the scheduler never has to skip it, and nothing else waits for it). Each constrained sequence
+gets its own matcher the first time it is sampled — forked siblings included — and the matcher
+follows the sequence's output tokens after every appended token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from typing import Optional
+
+import numpy as np
+
+from paged_backend.structured.compiler import GrammarCompiler
+from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar
+from paged_backend.structured.spec import StructuredOutputs
+
+logger = logging.getLogger("paged_backend")
+
+
+class StructuredRequests:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
+        self.compiler = GrammarCompiler(tokenizer, vocab_size, list(stop_token_ids))
+        self._filler: Optional[BitmaskFiller] = None
+        self.compiling: list = []  # sequences whose grammar is not compiled yet
+
+    def submit(self, spec: Optional[StructuredOutputs]) -> Optional[cf.Future]:
+        """The compiled grammar's future (ValueError now if the spec is bad), None if unconstrained."""
+        return None if spec is None else self.compiler.submit(spec)
+
+    def hold(self, seq) -> bool:
+        """Keep seq back while its grammar compiles; False if it may be scheduled now."""
+        future = seq.request.grammar
+        if future is None or (future.done() and future.exception() is None):
+            return False
+        self.compiling.append(seq)
+        return True
+
+    def take_ready(self, wait_s: float = 0.0) -> tuple[list, list]:
+        """(sequences whose grammar is ready, sequences whose grammar failed to compile); waits up
+        to wait_s for one to finish compiling when none has (the engine has nothing else to do)."""
+        if wait_s and self.compiling and not any(s.request.grammar.done() for s in self.compiling):
+            cf.wait({s.request.grammar for s in self.compiling}, timeout=wait_s, return_when=cf.FIRST_COMPLETED)
+        ready, failed, still = [], [], []
+        for seq in self.compiling:
+            if seq.finished:  # aborted while it waited
+                continue
+            future = seq.request.grammar
+            if not future.done():
+                still.append(seq)
+            elif future.exception() is not None:
+                logger.error("request %s: its grammar did not compile: %s", seq.request.request_id, future.exception())
+                failed.append(seq)
+            else:
+                ready.append(seq)
+        self.compiling = still
+        return ready, failed
+
+    def _grammar(self, seq) -> SequenceGrammar:
+        if seq.grammar is None:
+            seq.grammar = SequenceGrammar(seq.request.grammar.result())
+        return seq.grammar
+
+    def bitmask(self, row_seqs: list) -> Optional[tuple[np.ndarray, list[int]]]:
+        """The step's bitmask for its constrained rows and their row indices (None if there are none)."""
+        rows = [i for i, seq in enumerate(row_seqs) if seq.request.grammar is not None]
+        if not rows:
+            return None
+        grammars = []
+        for i in rows:
+            g = self._grammar(row_seqs[i])
+            g.follow(row_seqs[i].output_token_ids)
+            grammars.append(g)
+        if self._filler is None:
+            self._filler = BitmaskFiller(self.compiler.vocab_size)
+        return self._filler.fill(grammars), rows
+
+    def follow(self, seq) -> Optional[str]:
+        """Advance seq's matcher over its newest token: "stop" once the grammar has ended (its stop
+        token accepted), "abort" if the token breaks the grammar, None otherwise."""
+        g = self._grammar(seq)
+        if not g.follow(seq.output_token_ids):
+            logger.error("request %s: sampled token %d is outside its grammar", seq.request.request_id, seq.token_ids[-1])
+            return "abort"
+        return "stop" if g.terminated else None
+
+    def shutdown(self) -> None:
+        self.compiler.shutdown()
+        self.compiling = []
