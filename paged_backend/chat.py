@@ -16,6 +16,8 @@ def validate_messages(conversation: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {i} has no {' or '.join(repr(k) for k in missing)}: {m!r}")
         if not isinstance(m["role"], str) or not m["role"]:
             raise ValueError(f"message {i}: 'role' must be a non-empty str, got {m['role']!r}")
+        if m["content"] is None and m.get("tool_calls"):  # an assistant message that only calls tools
+            continue
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i}: 'content' must be a str, got {type(m['content']).__name__}")
     return list(conversation)
@@ -27,9 +29,11 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template: Optional[str] = None,
+    tools: Optional[list[dict]] = None,
 ) -> tuple[str, list[int]]:
     """The conversation as the model's prompt: (text, token ids). Tokenized without adding special
-    tokens again, since the template writes them (as transformers' apply_chat_template does)."""
+    tokens again, since the template writes them (as transformers' apply_chat_template does).
+    tools: OpenAI-style function definitions for templates that take them (see ToolCalling)."""
     conversation = validate_messages(conversation)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -44,6 +48,7 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         chat_template=chat_template,
+        **({"tools": tools} if tools else {}),
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text, ids
