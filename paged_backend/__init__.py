@@ -13,12 +13,20 @@ from paged_backend.engine.engine import EngineStats
 from paged_backend.llm import LLM
 from paged_backend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from paged_backend.params import SamplingParams
+from paged_backend.structured.spec import StructuredOutputs
+from paged_backend.tools.calling import ToolCalling
+from paged_backend.tools.parsers import ToolCall
+from paged_backend.tools.stream import ToolCallStream
 
 __all__ = [
     "LLM",
     "AsyncLLM",
     "EngineDeadError",
     "SamplingParams",
+    "StructuredOutputs",
+    "ToolCalling",
+    "ToolCall",
+    "ToolCallStream",
     "RequestOutput",
     "CompletionOutput",
     "RequestMetrics",

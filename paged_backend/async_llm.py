@@ -151,9 +151,13 @@ class AsyncLLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> AsyncIterator[RequestOutput]:
-        """One conversation through the tokenizer's chat template, streamed like `generate`."""
-        text, ids = render_chat(self.engine.tokenizer, messages, add_generation_prompt, continue_final_message, chat_template)
+        """One conversation through the tokenizer's chat template, streamed like `generate`.
+        tools: function definitions for a template that takes them (`ToolCalling.prepare`)."""
+        text, ids = render_chat(
+            self.engine.tokenizer, messages, add_generation_prompt, continue_final_message, chat_template, tools
+        )
         async for out in self.generate(ids, sampling_params, request_id, _prompt_text=text):
             yield out
 

@@ -24,6 +24,7 @@ import torch
 from paged_backend.bench import peers as peers_mod
 from paged_backend.bench.plot import write_plot
 from paged_backend.bench.roofline import ModelCost, floor_seconds, measure_rates
+from paged_backend.bench.structured import BENCH_SCHEMA, use_byte_level_tokenizer
 from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
 
 
@@ -52,16 +53,20 @@ def _engine(a, model_dir: str):
     return llm, time.perf_counter() - t0
 
 
-def _drive(llm, requests: list[Request]) -> tuple[float, list[tuple[float, int]], list]:
-    """All requests at once through the engine; (seconds, [(t, tokens generated so far)] per step, outputs)."""
+def _drive(llm, requests: list[Request], schema=None) -> tuple[float, list[tuple[float, int]], list]:
+    """All requests at once through the engine; (seconds, [(t, tokens generated so far)] per step, outputs).
+    schema: every request constrained to this JSON schema (structured outputs)."""
     from paged_backend import SamplingParams
+
+    structured = None if schema is None else {"json": schema}
 
     engine = llm.engine
     base = engine.total_generated_tokens
     _sync()
     t0 = time.perf_counter()
     for r in requests:
-        engine.add_request(r.prompt, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+        engine.add_request(r.prompt, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                                                    structured_outputs=structured))
     timeline, outputs = [], []
     while engine.has_unfinished_requests():
         outputs += engine.step(emit_unfinished=False)
@@ -77,7 +82,10 @@ def _warm_up(llm, requests: list[Request]) -> None:
 def _model(a, tmp: str) -> tuple[str, str]:
     """(model path, load format): a shape becomes a config + tokenizer directory with dummy weights."""
     if a.model in SHAPES:
-        return str(make_model_dir(a.model, Path(tmp))), "dummy"
+        path = make_model_dir(a.model, Path(tmp))
+        if getattr(a, "structured", None):
+            use_byte_level_tokenizer(path, SHAPES[a.model][1]["vocab_size"])
+        return str(path), "dummy"
     return a.model, a.load_format
 
 
@@ -95,6 +103,7 @@ def throughput(a) -> dict:
         requests = _dataset(a, llm)
         _warm_up(llm, requests)
         seconds, timeline, outs = _drive(llm, requests)
+        structured = _structured_run(llm, requests) if a.structured else None
         stats = llm.stats()
         llm.shutdown()
         del llm
@@ -118,8 +127,21 @@ def throughput(a) -> dict:
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
     _print_throughput(report)
+    if structured:
+        report["structured"] = structured
+        print(f"--structured json: {structured['output_tok_per_s']:.0f} output tok/s = "
+              f"{structured['output_tok_per_s'] / ours['output_tok_per_s']:.1%} of unconstrained in the same run "
+              f"({structured['output_tokens']} tokens in {structured['seconds']:.2f} s)")
     _write(a, report, timeline, f"{a.model}, {len(requests)} requests, {where}")
     return report
+
+
+def _structured_run(llm, requests: list[Request]) -> dict:
+    """The same requests, each constrained to BENCH_SCHEMA (compiled during the warm-up)."""
+    _drive(llm, [Request(r.prompt, min(8, r.output_len)) for r in requests[:4]], BENCH_SCHEMA)
+    seconds, _, outs = _drive(llm, requests, BENCH_SCHEMA)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return dict(seconds=seconds, output_tokens=tokens, output_tok_per_s=tokens / seconds)
 
 
 def _print_throughput(rep: dict) -> None:
@@ -191,6 +213,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--peers", default="", type=lambda s: [x for x in s.split(",") if x],
                    help=f"comma-separated, from {', '.join(peers_mod.PEERS)}")
     t.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    t.add_argument("--structured", choices=["json"], default=None,
+                   help="also run every request constrained to one JSON schema; compare in the same run")
     t.set_defaults(bench_func=throughput)
     lat.add_argument("--batch-size", type=int, default=8)
     lat.add_argument("--input-len", type=_range, default=(512, 512))
