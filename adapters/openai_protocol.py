@@ -13,7 +13,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from paged_backend import SamplingParams
+from paged_backend import SamplingParams, ToolCalling
+
+from .openai_tools import merge_constraint, structured_from_fields, tool_calling
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -72,6 +74,13 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # output constraints (adapters/openai_tools.py): OpenAI's response_format and vLLM's fields
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -80,7 +89,7 @@ class _SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported by this server")
         return v
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], calling=None) -> SamplingParams:
         given = {
             "n": self.n, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "stop": self.stop, "seed": self.seed, "presence_penalty": self.presence_penalty,
@@ -92,6 +101,7 @@ class _SamplingFields(BaseModel):
         }
         kept = {k: v for k, v in given.items() if v is not None or k == "max_tokens"}
         try:
+            kept["structured_outputs"] = merge_constraint(structured_from_fields(self.__dict__), calling)
             return SamplingParams(**kept)
         except ValidationError as e:
             raise APIError.from_validation(e) from None
@@ -105,6 +115,8 @@ class ChatMessage(BaseModel):
     role: str = Field(min_length=1)
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -121,6 +133,10 @@ class ChatMessage(BaseModel):
         msg: dict[str, Any] = {"role": self.role, "content": content}
         if self.name:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
@@ -130,7 +146,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
@@ -138,15 +155,17 @@ class ChatCompletionRequest(_SamplingFields):
     def _check(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; only 'text' is")
         return self
 
-    def to_sampling_params(self) -> SamplingParams:
+    def tool_calling(self, chat_template: Optional[str]) -> Optional[ToolCalling]:
+        try:
+            return tool_calling(self.__dict__, chat_template)
+        except ValueError as e:
+            raise APIError(str(e), param="tools") from None
+
+    def to_sampling_params(self, calling: Optional[ToolCalling] = None) -> SamplingParams:
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, k)
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, k, calling)
 
 
 class CompletionRequest(_SamplingFields):
@@ -206,7 +225,8 @@ class UsageInfo(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatChoice(BaseModel):
@@ -227,7 +247,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]
+    delta: dict[str, Any]
     logprobs: Optional[dict[str, Any]] = None
     finish_reason: Optional[str] = None
 

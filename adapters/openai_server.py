@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from paged_backend import AsyncLLM, RequestOutput, SamplingParams
 
+from .openai_tools import ChatDeltas, assistant_message
 from .openai_protocol import (
     APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, LogprobFormatter,
@@ -82,27 +83,32 @@ class OpenAIServing:
     async def chat_completions(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await _json(request))
         model = self.model_name(req.model)
-        params = req.to_sampling_params()
+        calling = req.tool_calling(getattr(self.tokenizer, "chat_template", None))
+        params = req.to_sampling_params(calling)
         messages = [m.as_template_message() for m in req.messages]
+        template_tools = None
+        if calling is not None:
+            messages, template_tools = calling.prepare(messages)
         rid = new_id("chatcmpl")
         gen = self.llm.chat(messages, params, request_id=rid, add_generation_prompt=req.add_generation_prompt,
-                            continue_final_message=req.continue_final_message)
+                            continue_final_message=req.continue_final_message, tools=template_tools)
         k = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
             streams = await _unless_disconnected(request, self._start([gen]))
             if streams is None:
                 return Response(status_code=499)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self._chat_events(rid, model, streams, params, k, usage))
+            return EventStream(self._chat_events(rid, model, streams, params, k, usage, calling))
         final = await _unless_disconnected(request, self._collect([gen]))
         if final is None:
             return Response(status_code=499)
         out = final[0]
-        choices = [
-            ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=None if k is None else self.fmt.chat(c.token_ids, c.logprobs or [], k))
-            for c in sorted(out.outputs, key=lambda c: c.index)
-        ]
+        choices = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            message, called = assistant_message(c.text, calling)
+            choices.append(ChatChoice(index=c.index, message=AssistantMessage(**message),
+                                      finish_reason="tool_calls" if called else c.finish_reason,
+                                      logprobs=None if k is None else self.fmt.chat(c.token_ids, c.logprobs or [], k)))
         usage = UsageInfo.of(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
         return _json_response(ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage))
 
@@ -156,8 +162,9 @@ class OpenAIServing:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(out.prompt_token_ids)
 
     async def _chat_events(self, rid: str, model: str, streams: list[_Stream], params: SamplingParams,
-                           k: Optional[int], include_usage: bool) -> AsyncIterator[str]:
+                           k: Optional[int], include_usage: bool, calling=None) -> AsyncIterator[str]:
         created = int(time.time())
+        deltas = [ChatDeltas(calling) for _ in range(params.n)]  # content / tool-call deltas per choice
 
         def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
@@ -177,8 +184,12 @@ class OpenAIServing:
                     if k is not None:
                         lo = len(c.token_ids) - len(c.token_ids_delta)
                         lps = self.fmt.chat(c.token_ids_delta, (c.logprobs or [])[lo:len(c.token_ids)], k)
-                    choices.append(ChatChunkChoice(index=c.index, delta={"content": c.text_delta}, logprobs=lps,
-                                                   finish_reason=c.finish_reason))
+                    d = deltas[c.index]
+                    delta = d.feed(c.text_delta, c.finished)
+                    if not delta and not c.finished and lps is None:
+                        continue  # text held back (it may start a tool call)
+                    choices.append(ChatChunkChoice(index=c.index, delta=delta, logprobs=lps,
+                                                   finish_reason="tool_calls" if c.finished and d.called else c.finish_reason))
                     if c.finished:
                         done.add(c.index)
                 if choices:
