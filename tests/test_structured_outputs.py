@@ -195,3 +195,22 @@ def test_bitmask_covers_a_model_vocab_larger_than_the_tokenizer(smollm_tokenizer
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all(("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t]))) for t in allowed)
     assert np.asarray(mask).shape == (1, -(-vocab // 32))
+
+
+def test_forced_tool_calls_through_llm_chat(llm):
+    """ToolCalling's prompt and constraint through LLM.chat: every call parses and validates."""
+    from paged_backend import ToolCalling
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"]}}}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        calling = ToolCalling([weather], choice, chat_template=llm.get_tokenizer().chat_template)
+        messages, tools = calling.prepare([{"role": "user", "content": "Forecast for Paris this week?"}])
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, structured_outputs=calling.structured)
+        out = llm.chat(messages, params, tools=tools, use_tqdm=False)[0].outputs[0]
+        content, calls = calling.parse(out.text)
+        assert content is None and calls and all(c.name == "get_weather" for c in calls)
+        for c in calls:
+            jsonschema.validate(json.loads(c.arguments), weather["function"]["parameters"])
