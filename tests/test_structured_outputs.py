@@ -88,7 +88,11 @@ def test_regex_choice_grammar_json_object(llm):
         eval(compile(expr.text, "<grammar output>", "eval"), {})  # parses as an arithmetic expression
     else:  # cut by max_tokens: still a prefix the grammar allows
         assert re.fullmatch(r"[0-9+\-()]*", expr.text)
-    assert isinstance(json.loads(outs[4].outputs[0].text), dict)
+    obj = outs[4].outputs[0]
+    if obj.finish_reason == "stop":
+        assert isinstance(json.loads(obj.text), dict)
+    else:  # any JSON object may be longer than max_tokens (a weak model likes long strings)
+        assert obj.text.startswith("{")
 
 
 def test_same_outputs_with_chunked_prefill_preemption_and_prefix_cache(llm):
