@@ -215,13 +215,20 @@ class Engine:
             num_logit_rows += 1
         if len(logit_index) != num_logit_rows:
             logits = logits.index_select(0, to_device(logit_index, torch.int64, logits.device))
-        sampled = self.sampler.sample(logits, rows, grammar_mask=self.structured.bitmask(row_seqs))
+        mask = self.structured.bitmask(row_seqs, self._pending_token)
+        sampled = self.sampler.sample(logits, rows, grammar_mask=mask)
         for k, seq in enumerate(row_seqs):
             seq.num_pending_tokens += 1
             seq.pending_row = k
             seq.pending_is_last = self._at_length_limit(seq, seq.num_total_tokens)
         overlappable = not any(_reads_history(r.params) for r in rows)
         return _Batch(row_seqs, sampled, overlappable)
+
+    def _pending_token(self, seq: Sequence) -> Optional[int]:
+        """seq's token sampled in the batch in flight, not appended yet (None if it has none)."""
+        if not seq.num_pending_tokens:
+            return None
+        return self._in_flight.sampled.resolve().token_ids[seq.pending_row]
 
     def _finish_batch(self, batch: _Batch, emit_unfinished: bool) -> list[RequestOutput]:
         """Read a launched batch's tokens back and post-process them (stops, text, outputs)."""
@@ -390,10 +397,9 @@ class Engine:
 
 
 def _reads_history(p: SamplingParams) -> bool:
-    """Penalties, min_tokens and grammars read the generated tokens when sampling."""
-    return p.repetition_penalty != 1.0 or bool(
-        p.presence_penalty or p.frequency_penalty or p.min_tokens or p.structured_outputs
-    )
+    """Only penalties and min_tokens read the generated tokens when sampling. (A grammar's mask
+    needs them too, but it is filled after the next forward pass is launched: see _launch.)"""
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty or p.min_tokens)
 
 
 def coerce_params(params) -> SamplingParams:

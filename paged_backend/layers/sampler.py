@@ -183,8 +183,14 @@ class SampledTokens:
         self.token_ids = token_ids
         self._want = want
         self._host = HostResult([token_ids, logprobs, *top])
+        self._resolved: SamplerOutput | None = None
 
     def resolve(self) -> SamplerOutput:
+        if self._resolved is None:  # (read twice when a grammar needs the tokens before post-processing)
+            self._resolved = self._resolve()
+        return self._resolved
+
+    def _resolve(self) -> SamplerOutput:
         host = self._host.get()
         ids_list, lp_list = host[0].tolist(), host[1].tolist()
         top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)

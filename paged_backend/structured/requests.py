@@ -64,19 +64,31 @@ class StructuredRequests:
             seq.grammar = SequenceGrammar(seq.request.grammar.result())
         return seq.grammar
 
-    def bitmask(self, row_seqs: list) -> Optional[tuple[np.ndarray, list[int]]]:
-        """The step's bitmask for its constrained rows and their row indices (None if there are none)."""
+    def bitmask(self, row_seqs: list, pending_token) -> Optional[tuple[np.ndarray, list[int]]]:
+        """The step's bitmask for its constrained rows and their row indices (None if there are none).
+
+        pending_token(seq): the token seq sampled last step that the host has not appended yet, or
+        None. Asking for it waits only for last step's sampling, not for this step's forward pass
+        (already launched): the host fills the masks while the device computes the logits.
+        """
         rows = [i for i, seq in enumerate(row_seqs) if seq.request.grammar is not None]
         if not rows:
             return None
-        grammars = []
+        grammars, live = [], []
         for i in rows:
-            g = self._grammar(row_seqs[i])
-            g.follow(row_seqs[i].output_token_ids)
-            grammars.append(g)
+            seq = row_seqs[i]
+            g = self._grammar(seq)
+            pending = pending_token(seq)
+            ok = g.follow(seq.output_token_ids if pending is None else [*seq.output_token_ids, pending])
+            if ok and not g.terminated:
+                grammars.append(g)
+                live.append(i)
+            # else: its last token ends it (or breaks the grammar): what it samples now is dropped
         if self._filler is None:
             self._filler = BitmaskFiller(self.compiler.vocab_size)
-        return self._filler.fill(grammars), rows
+        if not live:
+            return None
+        return self._filler.fill(grammars), live
 
     def follow(self, seq) -> Optional[str]:
         """Advance seq's matcher over its newest token: "stop" once the grammar has ended (its stop
