@@ -64,6 +64,10 @@ class StructuredRequests:
             seq.grammar = SequenceGrammar(seq.request.grammar.result())
         return seq.grammar
 
+    @staticmethod
+    def any(row_seqs: list) -> bool:
+        return any(seq.request.grammar is not None for seq in row_seqs)
+
     def bitmask(self, row_seqs: list, pending_token) -> Optional[tuple[np.ndarray, list[int]]]:
         """The step's bitmask for its constrained rows and their row indices (None if there are none).
 
