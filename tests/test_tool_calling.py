@@ -71,6 +71,8 @@ def test_forced_calls_are_constraints_and_parse():
         (HERMES_TEMPLATE, "It is sunny in Rome.", "It is sunny in Rome.", []),
         (LLAMA3_TEMPLATE, "{not json at all", "{not json at all", []),
         (HERMES_TEMPLATE, "<tool_call>{broken</tool_call>", "<tool_call>{broken</tool_call>", []),
+        (HERMES_TEMPLATE, '<tool_call>{"name": "unknown_fn", "arguments": {}}</tool_call>',
+         '<tool_call>{"name": "unknown_fn", "arguments": {}}</tool_call>', []),
     ],
 )
 def test_auto_parsers_by_template(template, text, expected_content, expected):

@@ -74,7 +74,11 @@ class ToolCalling:
         if self.forced:
             calls = parse_forced(text, self.choice)
             return (None if calls else text), calls
-        return self.parser.parse(text)
+        content, calls = self.parser.parse(text)
+        names = {t.name for t in self.tools}
+        if any(c.name not in names for c in calls):  # a call of a function it was not given: text
+            return text, []
+        return content, calls
 
 
 def _with_content(m: dict) -> dict:
