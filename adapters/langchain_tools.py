@@ -34,10 +34,12 @@ def _is_pydantic_class(obj: Any) -> bool:
 def _tool_choice(choice: Any, tools: list[dict]) -> Any:
     """LangChain's tool_choice spellings -> OpenAI's."""
     names = [t["function"]["name"] for t in tools]
-    if choice is None or choice in ("auto", "none", "required"):
+    if choice is None or choice in ("auto", "none"):
         return choice
+    if choice in ("any", "required", True) and len(names) == 1:  # the same, and a shorter output
+        return {"type": "function", "function": {"name": names[0]}}
     if choice == "any" or choice is True:
-        return "required" if (choice == "any" or len(names) != 1) else {"type": "function", "function": {"name": names[0]}}
+        return "required"
     if isinstance(choice, str):
         return {"type": "function", "function": {"name": choice}}
     return choice  # a dict in OpenAI's shape (checked by ToolCalling)
