@@ -79,9 +79,9 @@ def test_steps_are_pipelined_and_ends_are_exact(llm):
     req = engine.add_request(_ids(20, 7), SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[stop_at]))
     seq = req.seqs[0]
     assert engine.step() == []  # prefill launched, its token still on the device
-    assert seq.num_pending_tokens == 1 and seq.num_output_tokens == 0
+    assert seq.pending is not None and seq.num_output_tokens == 0
     engine.step()  # the next decode step is launched first, then the first token is read back
-    assert seq.num_output_tokens == 1 and seq.num_pending_tokens == 1
+    assert seq.num_output_tokens == 1 and seq.pending is not None
     finals = []
     while engine.has_unfinished_requests():
         finals += [o for o in engine.step() if o.finished]
