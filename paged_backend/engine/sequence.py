@@ -1,7 +1,9 @@
 """Request and sequence state: what the scheduler and block manager move around.
 
 Owners: the block manager writes block_table / table_row / num_hashed_blocks, the detokenizer
-`detok`, the scheduler `status`; the engine everything else.
+`detok`, the scheduler `status` and num_computed_tokens when a sequence is admitted (the prefix hit
+the block manager reports), preempted or released; the engine advances num_computed_tokens after a
+step and writes everything else.
 
 A request with n > 1 starts as one sequence that prefills the prompt; when the prompt is done the
 engine forks it into n sequences that share the prompt's KV blocks (copy-on-write).
