@@ -103,9 +103,10 @@ class ModelRunner:
         self.release()
 
     def release(self) -> None:
-        """Drop the KV cache and graphs (shutdown or after profiling)."""
+        """Drop the KV cache, graphs and sampler state (shutdown or after profiling)."""
         self.graphs = None
         self._last_sampled = None
+        self.sampler = Sampler()
         for attn in self.model.attention_layers():
             attn.kv_cache = None
         self.kv_caches = []
