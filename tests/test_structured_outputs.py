@@ -218,3 +218,21 @@ def test_forced_tool_calls_through_llm_chat(llm):
         assert content is None and calls and all(c.name == "get_weather" for c in calls)
         for c in calls:
             jsonschema.validate(json.loads(c.arguments), weather["function"]["parameters"])
+
+
+def test_constrained_rows_do_not_stall_the_pipeline(llm):
+    """A constrained sequence's next step is launched before its previous token is read back (the
+    mask is filled while the forward pass runs), like an unconstrained one's."""
+    engine = llm.engine
+    spec = StructuredOutputs(regex="[0-9]{6}")
+    engine.structured.compiler.submit(spec).result()  # compiled: the request is queued at once
+    req = engine.add_request("A number:", SamplingParams(max_tokens=6, temperature=0, structured_outputs=spec))
+    seq = req.seqs[0]
+    engine.step()  # prefill launched, its token still on the device
+    assert seq.pending is not None and seq.num_output_tokens == 0
+    engine.step()  # the next step is launched first, then the first token is read back
+    assert seq.num_output_tokens == 1 and seq.pending is not None
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in engine.step() if o.finished]
+    assert re.fullmatch("[0-9]{6}", texts[-1])
