@@ -50,7 +50,7 @@ def structured_from_fields(fields: dict[str, Any]) -> Optional[StructuredOutputs
         return None
     (name, spec), = asked.items()
     try:
-        return StructuredOutputs(**spec) if isinstance(spec, dict) else StructuredOutputs(**dict(spec))
+        return StructuredOutputs(**spec).check()
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from None
 

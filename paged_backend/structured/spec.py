@@ -62,6 +62,14 @@ class StructuredOutputs:
             raise ValueError(f"structured_outputs.{self.kind} must not be empty")
         return self
 
+    def check(self) -> "StructuredOutputs":
+        """Raise ValueError now if the spec does not convert to a grammar (the engine's add_request
+        does the same; this lets a caller name its own field in the error)."""
+        from paged_backend.structured.compiler import build_grammar  # (compiler imports this module)
+
+        build_grammar(self)
+        return self
+
     @property
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
