@@ -21,15 +21,14 @@ def validate_messages(conversation: Any) -> list[dict[str, Any]]:
     return list(conversation)
 
 
-def render_chat(
+def render_chat_text(
     tokenizer,
     conversation,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template: Optional[str] = None,
-) -> tuple[str, list[int]]:
-    """The conversation as the model's prompt: (text, token ids). Tokenized without adding special
-    tokens again, since the template writes them (as transformers' apply_chat_template does)."""
+) -> str:
+    """The conversation as the model's prompt text, through the tokenizer's (or the given) template."""
     conversation = validate_messages(conversation)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -38,12 +37,10 @@ def render_chat(
         )
     if add_generation_prompt and continue_final_message:
         add_generation_prompt = False  # continuing the last message means no new turn
-    text = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         conversation,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         chat_template=chat_template,
     )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text, ids

@@ -103,9 +103,12 @@ class Engine:
         prompt: PromptInput,
         params: Optional[SamplingParams] = None,
         request_id: Optional[str] = None,
+        prompt_text: Optional[str] = None,
     ) -> Request:
         params = coerce_params(params)
         text, ids = self.tokenize(prompt)
+        if prompt_text is not None:  # token ids tokenised by the caller: the text they came from
+            text = prompt_text
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; the prompt "
