@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 from paged_backend.args import EngineArgs
-from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.engine.engine import Engine, EngineStats
 from paged_backend.llm import ParamsArg, Prompt, per_prompt_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
