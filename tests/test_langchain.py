@@ -256,6 +256,15 @@ def test_model_call_argument_names_the_served_model(tiny):
         tiny.invoke("Hello", model="some-other-model")
 
 
+def test_prompts_per_call_limit(tiny):
+    limited = PagedBackendLLM.from_engine(tiny.async_engine, max_prompts_per_call=2, max_tokens=2)
+    assert len(limited.generate(["a", "b"]).generations) == 2
+    with pytest.raises(ValueError, match="at most 2"):
+        limited.generate(["a", "b", "c"])
+    with pytest.raises(ValueError, match="at most 2"):
+        asyncio.run(limited.agenerate(["a", "b", "c"]))
+
+
 # ---- ChatPagedBackend on SmolLM2-135M-Instruct ---------------------------------------------------
 MESSAGES = [SystemMessage("You are a helpful assistant."), HumanMessage("What is the capital of France?")]
 
