@@ -136,9 +136,11 @@ class AsyncLLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> AsyncIterator[RequestOutput]:
-        """One conversation through the tokenizer's chat template, streamed like `generate`."""
-        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template)
+        """One conversation through the tokenizer's chat template, streamed like `generate`.
+        tools: function definitions for a template that takes them."""
+        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template, tools)
         calls = self._plan(1, sampling_params, None if request_id is None else [request_id], None)
         async for _, out in self._stream([job], *calls):
             yield out
@@ -184,9 +186,10 @@ class AsyncLLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> Iterator[RequestOutput]:
         """`chat` for synchronous code, like `generate_many_sync`."""
-        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template)
+        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template, tools)
         calls = self._plan(1, sampling_params, None if request_id is None else [request_id], None)
         return (out for _, out in self._stream_sync([job], *calls))
 

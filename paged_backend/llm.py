@@ -88,13 +88,15 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        tokenizer's chat template."""
+        tokenizer's chat template. tools: function definitions for a template that takes them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs:
             raise ValueError("no conversation given")
-        rendered = [self._prompts.chat(c, add_generation_prompt, continue_final_message, chat_template) for c in convs]
+        rendered = [self._prompts.chat(c, add_generation_prompt, continue_final_message, chat_template, tools)
+                    for c in convs]
         return self._run(rendered, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:

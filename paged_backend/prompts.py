@@ -77,11 +77,12 @@ class PromptPreparer:
         return None, prompt
 
     def chat(self, conversation: Any, add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: Optional[str] = None) -> tuple[str, list[int]]:
+             chat_template: Optional[str] = None, tools: Optional[list[dict]] = None) -> tuple[str, list[int]]:
         """A conversation through the chat template, tokenised without adding special tokens again: the
         template wrote them (as transformers' apply_chat_template does)."""
         tokenizer = self.engine.tokenizer
-        text = render_chat_text(tokenizer, conversation, add_generation_prompt, continue_final_message, chat_template)
+        text = render_chat_text(tokenizer, conversation, add_generation_prompt, continue_final_message, chat_template,
+                                tools)
         check_prompt_chars(text, self.max_model_len, self.chars_per_token)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         check_prompt_tokens(len(ids), self.max_model_len)

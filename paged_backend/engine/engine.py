@@ -103,11 +103,14 @@ class Engine:
         prompt: PromptInput,
         params: Optional[SamplingParams] = None,
         request_id: Optional[str] = None,
+        *,
         prompt_text: Optional[str] = None,
     ) -> Request:
+        """Validate and queue one request. prompt_text: the text to report as the prompt when
+        token ids are given (e.g. a rendered chat template)."""
         params = coerce_params(params)
         text, ids = self.tokenize(prompt)
-        if prompt_text is not None:  # token ids tokenised by the caller: the text they came from
+        if prompt_text is not None:
             text = prompt_text
         if len(ids) >= self.max_model_len:
             raise ValueError(
