@@ -38,12 +38,17 @@ def render_chat(
         )
     if add_generation_prompt and continue_final_message:
         add_generation_prompt = False  # continuing the last message means no new turn
-    text = tokenizer.apply_chat_template(
-        conversation,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        chat_template=chat_template,
-    )
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+        )
+    except TemplateError as e:  # a broken custom template, or one that raises on this conversation
+        raise ValueError(f"the chat template failed: {e}") from e
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text, ids
