@@ -236,8 +236,9 @@ class OpenAIServing:
         chat = isinstance(body, dict) and "messages" in body
         req = parse_request(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
         self.model_name(req.model)
-        text = req.prompt
-        if chat:
+        if not chat:
+            text = req.prompt
+        else:
             from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
             messages = [m.as_template_message() for m in req.messages]
