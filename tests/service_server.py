@@ -31,7 +31,8 @@ class Server:
     """`bentoml serve` in its own process group; stopped by its PID (group) in `stop()`."""
 
     def __init__(self, tmp: Path, name: str, args: dict[str, str], env: Optional[dict[str, str]] = None,
-                 api_key: str = "unused"):
+                 api_key: str = "unused", host: Optional[str] = "127.0.0.1"):
+        """`host` None: bentoml serve's own default (the service's config)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"{name}.log"
@@ -45,7 +46,8 @@ class Server:
         )
         env.update(extra_env)
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(self.port)]
+        cmd += ["--host", host] if host else []
         for k, v in args.items():
             cmd += ["--arg", f"{k}={v}"]
         self._log = open(self.log_path, "wb")
