@@ -31,7 +31,7 @@ class SamplingParams(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1, description="an int64; completion i uses seed + i")
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="top-k logprobs per generated token")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -87,6 +87,10 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
+            try:  # a lone surrogate (a JSON escape, say): the tokenizer's own error is a cryptic TypeError
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt is not valid Unicode: a lone surrogate at character {e.start}") from None
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)):
             ids = list(prompt)
