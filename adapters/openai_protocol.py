@@ -50,6 +50,8 @@ UNSUPPORTED_FIELDS = frozenset({
     "functions", "function_call", "bad_words", "allowed_token_ids", "logit_bias", "logits_processors",
     "priority", "prompt_logprobs", "truncate_prompt_tokens", "use_beam_search", "length_penalty",
     "chat_template_kwargs", "documents", "suffix",
+    # A Jinja template from the client would run on the server (vLLM refuses it too unless told to).
+    "chat_template",
 })
 # Values of those fields that mean "not used" (OpenAI clients send some of them by default).
 _OFF_VALUES = {"tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "priority": (0,)}
@@ -80,7 +82,8 @@ def check_body(body: Any) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise APIError(f"{where or 'the body'} is not valid Unicode: a lone surrogate "
-                               f"{value[e.start]!r} at character {e.start}", param=where.split(".")[0] or None) from None
+                               f"{value[e.start]!r} at character {e.start}",
+                               param=where.split(".")[0] or None) from None
         elif isinstance(value, dict):
             todo.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items())
             todo.extend((k, where or "the body", depth + 1) for k in value if isinstance(k, str))
@@ -172,7 +175,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: Optional[str] = None  # vLLM's extra: a Jinja template used instead of the model's
 
     @model_validator(mode="after")
     def _check(self):
@@ -324,7 +326,6 @@ class TokenizeChatRequest(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False  # the chat template writes them
     return_token_strs: bool = False
-    chat_template: Optional[str] = None
 
 
 class TokenizeResponse(BaseModel):

@@ -110,7 +110,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.admission = _Admission(limits.max_waiting_requests, limits.retry_after_s)
         self.tokenizer = llm.get_tokenizer()
-        self.max_model_len = llm.engine.max_model_len  # TODO(facades): a public AsyncLLM.max_model_len
+        self.max_model_len = llm.engine.max_model_len  # read only: AsyncLLM has no public max_model_len yet
         self.fmt = LogprobFormatter(self.tokenizer)
         self.created = int(time.time())
         private = self.aliases | {str(getattr(self.tokenizer, "name_or_path", "") or "")}
@@ -170,7 +170,7 @@ class OpenAIServing:
         rid = new_id("chatcmpl")
         deadline = self._deadline()
         self.admission.admit(1)
-        gen = self._tracked(self.llm.chat(messages, params, request_id=rid, chat_template=req.chat_template,
+        gen = self._tracked(self.llm.chat(messages, params, request_id=rid,
                                           add_generation_prompt=req.add_generation_prompt,
                                           continue_final_message=req.continue_final_message))
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -244,12 +244,13 @@ class OpenAIServing:
             messages = [m.as_template_message() for m in req.messages]
             try:
                 text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, chat_template=req.chat_template,
+                    messages, tokenize=False,
                     add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                     continue_final_message=req.continue_final_message)
             except (TemplateError, ValueError) as e:
                 raise APIError(f"the chat template failed: {e}", param="messages") from None
-        ids = await asyncio.to_thread(lambda: self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"])
+        encoded = await asyncio.to_thread(self.tokenizer, text, add_special_tokens=req.add_special_tokens)
+        ids = encoded["input_ids"]
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return _json_response(TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
                                                token_strs=strs))
