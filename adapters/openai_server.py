@@ -179,7 +179,8 @@ class OpenAIServing:
             if streams is None:
                 return Response(status_code=499)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_until_deadline(deadline, self._chat_events(rid, model, streams, params, k, usage)))
+            events = self._chat_events(rid, model, streams, params, k, usage)
+            return EventStream(_until_deadline(deadline, self.limits.request_timeout_s, events))
         final = await self._until(deadline, unless_disconnected(request, self._collect([gen])), [gen])
         if final is None:
             return Response(status_code=499)
@@ -210,7 +211,7 @@ class OpenAIServing:
                 return Response(status_code=499)
             usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._completion_events(rid, model, streams, prompts, req, params.n, usage)
-            return EventStream(_until_deadline(deadline, events))
+            return EventStream(_until_deadline(deadline, self.limits.request_timeout_s, events))
         finals = await self._until(deadline, unless_disconnected(request, self._collect(gens)), gens)
         if finals is None:
             return Response(status_code=499)
@@ -387,7 +388,8 @@ def _timeout_error(seconds: Optional[float]) -> APIError:
                     status=504, type="timeout", code="request_timeout")
 
 
-async def _until_deadline(deadline: Optional[float], events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _until_deadline(deadline: Optional[float], seconds: Optional[float],
+                          events: AsyncIterator[str]) -> AsyncIterator[str]:
     """The events of a stream; at the deadline an error event and [DONE] end it (closing `events`
     aborts its requests)."""
     try:
@@ -403,7 +405,7 @@ async def _until_deadline(deadline: Optional[float], events: AsyncIterator[str])
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
-                yield sse(_timeout_error(None if deadline is None else round(deadline - loop.time(), 3)).body())
+                yield sse(_timeout_error(seconds).body())
                 yield sse("[DONE]")
                 return
             yield event

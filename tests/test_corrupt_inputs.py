@@ -53,6 +53,19 @@ def test_corrupt_gguf_header_is_corrupt_weights_error(tmp_path, name):
         read_gguf(path)
 
 
+@pytest.mark.parametrize("metadata", [
+    {},  # no block_count, embedding_length, ...
+    {"llama.block_count": 2, "llama.embedding_length": 64, "llama.attention.head_count": 0},
+], ids=["missing keys", "zero heads"])
+def test_corrupt_gguf_metadata_is_corrupt_weights_error(tmp_path, metadata):
+    kvs = [_kv("general.architecture", GGUFValueType.STRING, _str(b"llama"))]
+    kvs += [_kv(k, GGUFValueType.UINT32, struct.pack("<I", v)) for k, v in metadata.items()]
+    path = tmp_path / "meta.gguf"
+    path.write_bytes(_gguf(*kvs))
+    with pytest.raises(CorruptWeightsError, match="meta.gguf"):
+        resolve_model(str(path))
+
+
 def test_valid_handmade_header_still_reads(tmp_path):
     path = tmp_path / "ok.gguf"
     path.write_bytes(_gguf(_kv("tokenizer.ggml.tokens", GGUFValueType.ARRAY, _string_array(_str(b"a"), _str(b"bc"))),
