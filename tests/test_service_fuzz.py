@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 from service_server import STARTUP_TIMEOUT_S, Server, wait_idle  # noqa: E402
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 # field -> (valid values, invalid values). Valid values are valid in any combination; an invalid one
 # must make the request fail naming that field. Lax JSON coercions ("4" for 4) count as valid.
@@ -122,7 +122,7 @@ def test_chat_bodies(server, case):
                                   lambda kids: st.lists(kids, max_size=3)
                                   | st.dictionaries(st.text(max_size=5), kids, max_size=3),
                                   max_leaves=12).map(lambda v: repr(v).encode())))
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_garbage_bodies_are_400(server, raw):
     for route in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
         r = httpx.post(f"{server.url}{route}", content=raw, timeout=60, headers={"content-type": "application/json"})
