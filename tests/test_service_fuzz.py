@@ -214,3 +214,27 @@ def test_bad_prompts_through_the_python_api(offline, prompt):
     st_ = offline.stats()
     assert st_.num_blocks_used == 0 and st_.num_running == 0 and st_.num_waiting == 0
     assert offline.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@given(prompt=st.one_of(st.text(st.characters(codec=None), max_size=40),
+                        st.lists(st.integers(-3, 50_000), max_size=12)))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_any_prompt_is_answered_or_refused_by_name(offline, prompt):
+    from paged_backend import SamplingParams
+
+    vocab = len(offline.get_tokenizer())
+    if isinstance(prompt, str):
+        valid = bool(prompt) and not any(0xD800 <= ord(ch) <= 0xDFFF for ch in prompt)
+    else:
+        valid = bool(prompt) and all(0 <= t < vocab for t in prompt)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    if valid:
+        out = offline.generate([prompt], params, use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 2
+    else:
+        with pytest.raises((ValueError, TypeError)) as e:
+            offline.generate([prompt], params, use_tqdm=False)
+        assert "prompt" in str(e.value), str(e.value)
+    st_ = offline.stats()
+    assert st_.num_blocks_used == 0 and st_.num_running == 0 and st_.num_waiting == 0
+
