@@ -19,23 +19,41 @@ from service_server import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, Server, wait_id
 
 KEY = "sk-test-0123456789"
 ORIGIN = "https://app.example"
-TIMEOUT_S = 4.0
+# No 480-token request finishes this fast (that would take < 1 ms per engine step), yet the time is
+# long enough for a client to see the request start.
+TIMEOUT_S = 0.5
 HI = [{"role": "user", "content": "Say hi to the test suite."}]
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory, tiny_model_dir, request) -> Server:
+def servers(tmp_path_factory, tiny_model_dir, request) -> dict[str, Server]:
+    """Started together (their start-up overlaps): `guarded` has a key, CORS and tight limits;
+    `hurried` aborts every request after TIMEOUT_S (no other test could run there)."""
     tmp = tmp_path_factory.mktemp("guarded")
     model_dir = tiny_model_dir("llama")
-    server = Server(tmp, "guarded", {
-        "model": str(model_dir), "dtype": "float32", "device": "cpu", "max_model_len": "512", "max_num_seqs": "2",
-        "allowed_origins": ORIGIN, "max_request_bytes": "65536", "max_prompts_per_request": "4",
-        "max_waiting_requests": "2", "request_timeout_s": str(TIMEOUT_S),
-    }, env={"PAGED_BACKEND_API_KEY": KEY}, api_key=KEY)
-    request.addfinalizer(server.stop)
-    server.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
-    server.model_dir = model_dir
-    return server
+    common = {"model": str(model_dir), "dtype": "float32", "device": "cpu", "max_model_len": "512"}
+    started: dict[str, Server] = {}
+    request.addfinalizer(lambda: [s.stop() for s in started.values()])
+    started["guarded"] = Server(tmp, "guarded", {
+        **common, "max_num_seqs": "2", "allowed_origins": ORIGIN, "max_request_bytes": "65536",
+        "max_prompts_per_request": "4", "max_waiting_requests": "2",
+    }, env={"PAGED_BACKEND_API_KEY": KEY}, api_key=KEY, host=None)  # host: the service's own default
+    started["hurried"] = Server(tmp, "hurried", {**common, "request_timeout_s": str(TIMEOUT_S)}, api_key=KEY)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    for s in started.values():
+        s.wait_ready(deadline)
+        s.model_dir = model_dir
+    return started
+
+
+@pytest.fixture(scope="module")
+def guarded(servers) -> Server:
+    return servers["guarded"]
+
+
+@pytest.fixture(scope="module")
+def hurried(servers) -> Server:
+    return servers["hurried"]
 
 
 def _auth(key: str = KEY) -> dict[str, str]:
@@ -46,10 +64,12 @@ def _post(server: Server, path: str, body, headers=None, **kw) -> httpx.Response
     return httpx.post(f"{server.url}{path}", json=body, headers={**_auth(), **(headers or {})}, timeout=60, **kw)
 
 
-def test_binds_loopback_by_default():
+def test_binds_loopback_by_default(guarded):
     from paged_backend.adapters.bentoml import PagedLLMService
 
     assert PagedLLMService.config["http"]["host"] == "127.0.0.1"
+    # `guarded` was started without --host: bentoml took the service's default.
+    assert f"listening on http://127.0.0.1:{guarded.port}" in guarded.log_path.read_text(errors="replace")
 
 
 def test_api_key_guards_every_route_but_the_probes(guarded):
@@ -248,17 +268,21 @@ def test_waiting_bound_gives_429_with_retry_after(guarded):
     assert out.usage.completion_tokens == 2, "the queue is free again"
 
 
-def test_request_timeout_aborts_and_frees(guarded):
-    before = guarded.stats()["total_generated_tokens"]
+def test_request_timeout_aborts_and_frees(hurried):
+    before = hurried.stats()["total_generated_tokens"]
     body = {"prompt": "Once upon a time", "max_tokens": 480, "n": 2, "ignore_eos": True}
     start = time.monotonic()
-    r = _post(guarded, "/v1/completions", body)
+    r = _post(hurried, "/v1/completions", body)
     took = time.monotonic() - start
     assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
-    assert TIMEOUT_S - 0.5 < took < TIMEOUT_S + 10
-    with httpx.stream("POST", f"{guarded.url}/v1/completions", json={**body, "stream": True}, headers=_auth(),
+    assert f"request_timeout_s={TIMEOUT_S}" in r.json()["error"]["message"]
+    assert TIMEOUT_S - 0.1 < took < TIMEOUT_S + 10
+    with httpx.stream("POST", f"{hurried.url}/v1/completions", json={**body, "stream": True}, headers=_auth(),
                       timeout=REQUEST_TIMEOUT_S) as s:
-        events = [line for line in s.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]" and "request_timeout" in events[-2]
-    after = wait_idle(guarded)
+        if s.status_code == 504:  # timed out before its first token (a busy machine): not a stream yet
+            assert "request_timeout" in s.read().decode()
+        else:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and "request_timeout" in events[-2], events[-3:]
+    after = wait_idle(hurried)
     assert after["total_generated_tokens"] - before < 2 * 2 * 480, "the requests ran to the end"
