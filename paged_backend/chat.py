@@ -20,6 +20,10 @@ def validate_messages(conversation: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {i}: 'role' must be a non-empty str, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i}: 'content' must be a str, got {type(m['content']).__name__}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would fail with a TypeError
+            raise ValueError(f"message {i}: 'content' is not valid Unicode (lone surrogate at {e.start})") from None
     return list(conversation)
 
 
