@@ -72,8 +72,6 @@ class SamplingParams(BaseModel):
     def _check_ranges(self):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is larger than max_tokens={self.max_tokens}")
-        if self.min_tokens and self.structured_outputs is not None:
-            raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides where the output ends")
         return self
 
     @property

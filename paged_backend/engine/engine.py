@@ -343,8 +343,8 @@ class Engine:
         m.last_token_time = now
 
         if seq.request.grammar is not None:
-            end = self.structured.follow(seq)
-            if end == "abort" or (end == "stop" and params.ignore_eos):  # (else: its EOS stops it below)
+            end = self.structured.follow(seq)  # "stop": the grammar ended (with its EOS), whatever
+            if end is not None:                 # ignore_eos / min_tokens say; "abort": broken
                 return self._finish_seq(seq, end, None)
         num_out = seq.num_output_tokens
         stop_token = None

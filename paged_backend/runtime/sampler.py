@@ -93,7 +93,8 @@ def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> 
 
     masked_rows, masked_ids = [], []
     for i, r in enumerate(rows):
-        if len(r.output_token_ids) < r.params.min_tokens:
+        # (under a grammar the grammar decides where the output ends: min_tokens does not hold EOS back)
+        if len(r.output_token_ids) < r.params.min_tokens and r.params.structured_outputs is None:
             ids = set(r.params.stop_token_ids or ())
             if not r.params.ignore_eos:
                 ids |= set(r.eos_token_ids)
