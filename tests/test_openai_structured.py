@@ -14,7 +14,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from pydantic import BaseModel, Field  # noqa: E402
 
-from test_bentoml import STARTUP_TIMEOUT_S, Server  # noqa: E402
+from service_server import STARTUP_TIMEOUT_S, Server  # noqa: E402
 
 WEATHER = {
     "type": "function",
