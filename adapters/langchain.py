@@ -337,6 +337,8 @@ def _text_content(message: BaseMessage) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(block.get("text", ""))
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+            continue  # an AIMessage's tool calls travel in its tool_calls (message_dict)
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(f"ChatPagedBackend takes text content only; got a {kind!r} content block")
