@@ -28,7 +28,9 @@ TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _is_pydantic_class(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, BaseModel)
+    from pydantic import v1
+
+    return isinstance(obj, type) and issubclass(obj, (BaseModel, v1.BaseModel))
 
 
 def _tool_choice(choice: Any, tools: list[dict]) -> Any:
@@ -127,7 +129,7 @@ class ToolCallingChatMixin:
         elif method == "json_schema":
             if schema is None:
                 raise ValueError("method='json_schema' needs a schema")
-            json_schema = schema.model_json_schema() if pydantic else convert_to_json_schema(schema)
+            json_schema = convert_to_json_schema(schema)
             llm = self.bind(structured_outputs={"json": json_schema}, **trace)
             parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
         elif method == "json_mode":
