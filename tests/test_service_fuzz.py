@@ -64,7 +64,9 @@ def bodies(draw, fields: dict) -> tuple[dict, set[str]]:
     for name, (good, bad) in fields.items():
         required = name in ("prompt", "messages", "max_tokens")  # max_tokens: keep valid ones short
         choice = draw(st.sampled_from(["omit", "good", "good", "bad"] if not required else ["good", "good", "bad"]))
-        if choice == "omit" or (choice == "bad" and len(invalid) >= 2):
+        if choice == "bad" and len(invalid) >= 2:  # at most two invalid fields; a required one stays
+            choice = "good" if required else "omit"
+        if choice == "omit":
             continue
         if choice == "good":
             body[name] = draw(st.sampled_from(good))
