@@ -24,13 +24,18 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct")
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+
+    model: a bundled alias, HF directory or hub id, .gguf file — or an already-loaded transformers
+    causal LM (used in place, with tokenizer= a tokenizer object or path). model_impl: "auto"
+    (native code where there is one, else transformers' modeling code with paged attention),
+    "native" or "transformers".
     """
 
     def __init__(
         self,
-        model: str,
+        model: Any,
         *,
-        tokenizer: Optional[str] = None,
+        tokenizer: Any = None,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: Optional[int] = None,
@@ -43,13 +48,14 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        model_impl: str = "auto",
     ):
         self.args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format, seed=seed, enforce_eager=enforce_eager,
+            load_format=load_format, seed=seed, enforce_eager=enforce_eager, model_impl=model_impl,
         )
         self._engine: Optional[Engine] = Engine(self.args)
 

@@ -35,10 +35,19 @@ class _Outputs(BaseModelOutputWithPast):
 
 
 class _HiddenStates(nn.Module):
-    """Stands in for the base model inside the head view: it returns the hidden states it is given."""
+    """Stands in for the base model inside the head view: it returns the hidden states it is given.
+    It also stands in for the base model's submodules (OPT's head calls `self.model.decoder`)."""
 
     def forward(self, *args, inputs_embeds=None, **kwargs):
         return _Outputs(last_hidden_state=inputs_embeds)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return self
 
 
 class TransformersCausalLM(nn.Module):
@@ -91,13 +100,19 @@ class TransformersCausalLM(nn.Module):
         """One forward pass of two tokens that records every attention call: its module, heads, head
         size, scale, window and soft-cap (transformers passes them to the attention function)."""
         device = next(self.hf.parameters()).device
+        ids, positions = torch.tensor([3, 4], device=device), torch.arange(2, device=device)
         self._step.probed = []
         try:
-            self._run_base_model(torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device))
+            hidden = self._run_base_model(ids, positions)
             probed = self._step.probed
+            self._step.probed = []
+            with self._engaged():  # the whole CausalLM on the same inputs: what the head view must give
+                expected = self.hf(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]
         finally:
             self._step.probed = None
         arch = type(self.hf).__name__
+        if not torch.allclose(self.compute_logits(hidden), expected.float(), rtol=1e-3, atol=1e-3):
+            raise NotImplementedError(f"{arch}'s output head could not be run apart from its base model")
         if not probed:
             raise NotImplementedError(f"{arch} made no attention call (recurrent/state-space layers only?)")
         if len({id(m) for m, _ in probed}) != len(probed):
