@@ -112,10 +112,10 @@ def _tokenizer(args: EngineArgs, source):
         from paged_backend.loader.resolve import resolve_tokenizer_path
 
         return dir_tokenizer(resolve_tokenizer_path(args.tokenizer))
-    where = Path(getattr(args.model, "name_or_path", "") or "")
-    if not where.is_dir():
+    where = getattr(args.model, "name_or_path", None)  # the directory from_pretrained read it from
+    if not where or not Path(where).is_dir():
         raise ValueError("a model object needs its tokenizer: pass tokenizer=<a tokenizer object or name/path>")
-    return dir_tokenizer(where)
+    return dir_tokenizer(Path(where))
 
 
 def _from_model_object(args: EngineArgs):

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from paged_backend.layers.attention import Attention, AttentionMetadata
+from paged_backend.models.blocks import layer_types_of
 from paged_backend.models.hf import falcon
 from paged_backend.models.hf.attention import IMPLEMENTATION, PagedStep, active_step
 
@@ -79,14 +80,18 @@ class TransformersCausalLM(nn.Module):
         saved = [c._attn_implementation_internal for c in self._configs]
         for c in self._configs:
             c._attn_implementation_internal = IMPLEMENTATION  # also: transformers builds no mask for it
+        own = {m: m.__dict__.get("forward") for m in self._overrides}  # e.g. an offloading hook's
         for module, fn in self._overrides.items():
             module.forward = types.MethodType(fn, module)
         try:
             with active_step(self._step):
                 yield
         finally:
-            for module in self._overrides:
-                del module.forward
+            for module, forward in own.items():
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
             for c, impl in zip(self._configs, saved):
                 c._attn_implementation_internal = impl
 
@@ -117,6 +122,12 @@ class TransformersCausalLM(nn.Module):
             raise NotImplementedError(f"{arch} made no attention call (recurrent/state-space layers only?)")
         if len({id(m) for m, _ in probed}) != len(probed):
             raise NotImplementedError(f"{arch} calls one attention module more than once per forward pass")
+        # Some architectures window their sliding layers through the mask only (Qwen2-MoE, PhiMoE) and
+        # do not pass the window to the attention function: the config says which layers slide.
+        layer_types = layer_types_of(self.config)
+        for i, (_, spec) in enumerate(probed):
+            if spec.sliding_window is None and i < len(layer_types) and layer_types[i] == "sliding_attention":
+                spec.sliding_window = self.config.sliding_window
         geometry = {(s.num_kv_heads, s.head_dim) for _, s in probed}
         if len(geometry) > 1:
             raise NotImplementedError(
