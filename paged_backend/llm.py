@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -135,6 +135,24 @@ class LLM:
         finally:
             bar.close()
         return results  # type: ignore[return-value]
+
+    def generate_stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None
+                        ) -> Iterator[RequestOutput]:
+        """One prompt's outputs while it is generated, each carrying the deltas since the previous
+        one (`text_delta`, `token_ids_delta`); the last one is finished. Closing the iterator early
+        aborts the request."""
+        engine = self.engine
+        rid = engine.add_request(prompt, coerce_params(sampling_params)).request_id
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
