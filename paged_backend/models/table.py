@@ -33,8 +33,9 @@ chunked prefill and forced preemption all happening.
 Decoder-only causal LMs only. What cannot run is refused with an error that says why: encoder-decoder
 and bidirectional models; recurrent/state-space and hybrid models (Mamba, Jamba, RWKV, ...);
 architectures whose transformers code computes attention without AttentionInterface (Bloom, MPT:
-also ALiBi); attention the paged kernel does not have (sinks, multi-head latent attention, layers of
-different head sizes).
+also ALiBi); attention the paged kernel does not have (sinks, multi-head latent attention, KV shared
+between layers). Layers of different head sizes or KV head counts share one cache geometry (the
+largest; smaller heads are zero-padded).
 
 | architecture | path | checked | what the tiny model exercises |
 |---|---|---|---|

@@ -51,12 +51,20 @@ class PagedStep:
             self.probed.append((module, _spec(module, query, key, value, attention_mask, kwargs)))
             return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         layer = self.layers[id(module)]
-        t = query.shape[2]
-        # [1, H, T, D] -> [T, H*D], the layout of our Attention layer; its output back to [1, T, H, D].
-        q = query[0].transpose(0, 1).reshape(t, -1)
-        k = key[0].transpose(0, 1).reshape(t, -1)
-        v = value[0].transpose(0, 1).reshape(t, -1)
-        return layer(q, k, v, self.meta).view(1, t, layer.num_heads, layer.head_dim)
+        t, d = query.shape[2], query.shape[3]
+        # [1, H, T, D] -> [T, H, D], the layout of our Attention layer.
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        if k.shape[1] != layer.num_kv_heads:
+            # A layer with fewer KV heads than the cache holds (layers differ): each head repeated over
+            # its share of the cache's heads, which keeps every query head on its own KV head.
+            rep = layer.num_kv_heads // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        if d != layer.head_dim:
+            # A smaller head than the cache's: zero-padded, which changes no score (q.k) and leaves the
+            # padded output columns zero; the scale is the layer's own.
+            q, k, v = (torch.nn.functional.pad(x, (0, layer.head_dim - d)) for x in (q, k, v))
+        out = layer(q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1), self.meta)
+        return out.view(1, t, layer.num_heads, layer.head_dim)[..., :d]
 
 
 _STEP: ContextVar[PagedStep | None] = ContextVar("paged_backend_step", default=None)

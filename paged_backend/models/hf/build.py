@@ -54,6 +54,8 @@ def check_supported(config) -> type:
             config, f"its transformers code ({cls.__name__}) does not call attention through AttentionInterface "
             "(recurrent/state-space or hybrid layers, ALiBi, or attention written inline)"
         )
+    if getattr(config, "num_kv_shared_layers", 0):
+        raise _unsupported(config, "some of its layers reuse another layer's KV cache (num_kv_shared_layers)")
     other = set(getattr(config, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES
     if other:
         raise _unsupported(config, f"it has {', '.join(sorted(other))} layers, which keep state outside a KV cache")

@@ -69,8 +69,10 @@ class TransformersCausalLM(nn.Module):
         self.__dict__["_head"] = head
         self._step = PagedStep()
         specs = self._probe()
+        # One cache geometry for all layers: the largest head size and KV head count (see PagedStep.attend).
+        kv_heads, head_dim = max(s.num_kv_heads for _, s in specs), max(s.head_dim for _, s in specs)
         self.attn = nn.ModuleList(
-            Attention(s.num_heads, s.num_kv_heads, s.head_dim, s.scale, s.sliding_window, s.softcap) for _, s in specs
+            Attention(s.num_heads, kv_heads, head_dim, s.scale, s.sliding_window, s.softcap) for _, s in specs
         )
         self._step.layers = {id(module): layer for (module, _), layer in zip(specs, self.attn)}
 
@@ -128,10 +130,11 @@ class TransformersCausalLM(nn.Module):
         for i, (_, spec) in enumerate(probed):
             if spec.sliding_window is None and i < len(layer_types) and layer_types[i] == "sliding_attention":
                 spec.sliding_window = self.config.sliding_window
-        geometry = {(s.num_kv_heads, s.head_dim) for _, s in probed}
-        if len(geometry) > 1:
+        kv_heads = max(s.num_kv_heads for _, s in probed)
+        if any(kv_heads % s.num_kv_heads or s.num_heads % kv_heads for _, s in probed):
             raise NotImplementedError(
-                f"{arch}'s layers differ in (KV heads, head size): {sorted(geometry)}; the KV cache has one geometry"
+                f"{arch}'s layers have KV head counts {sorted({s.num_kv_heads for _, s in probed})} that do not "
+                "divide each other and their query heads; the KV cache has one geometry"
             )
         return probed
 
