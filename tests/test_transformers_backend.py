@@ -128,6 +128,7 @@ def test_what_cannot_run_says_so(tmp_path, smollm_tokenizer, capsys):
     with pytest.raises(ModelLoadError, match="model_impl='native': no native implementation"):
         LLM(mamba, device="cpu", model_impl="native")
     # The CLI prints one line, no traceback.
+    capsys.readouterr()
     assert cli.main(["generate", "--model", t5, "--device", "cpu", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: T5ForConditionalGeneration cannot run") and "Traceback" not in err

@@ -54,9 +54,10 @@ MATRIX: dict[str, tuple[str, dict, str]] = {
                          "MoE"),
     "Cohere2ForCausalLM": ("Cohere2Config", dict(_GQA, num_hidden_layers=4, sliding_window=12),
                            "3 sliding : 1 global layers"),
-    "Gemma4ForCausalLM": ("Gemma4TextConfig", dict(_GQA, num_hidden_layers=4, head_dim=16, global_head_dim=32,
-                                                   num_global_key_value_heads=1, sliding_window=12,
-                                                   layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    "Gemma4ForCausalLM": ("Gemma4TextConfig", dict(_GQA, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                                                   sliding_window=12, hidden_size_per_layer_input=8,
+                                                   vocab_size_per_layer_input=VOCAB,
+                                                   layer_types=["sliding_attention", "full_attention"]),
                           "per-layer head size and KV heads (16/2 sliding, 32/1 global)"),
 }
 
