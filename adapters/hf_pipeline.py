@@ -402,7 +402,8 @@ def pipeline(task: Optional[str] = TASK, model=None, config=None, tokenizer=None
              revision=None, use_fast=True, token=None, **kwargs) -> PagedTextGenerationPipeline:
     """transformers.pipeline for text generation: `model` a bundled alias, HF directory or hub id, .gguf file,
     an existing `LLM`, or a loaded transformers model object (with tokenizer=; run in place). Engine options
-    (max_model_len, kv_cache_memory, ...) may be given here or in model_kwargs; the other keywords are the pipeline's call defaults, as in transformers."""
+    (max_model_len, kv_cache_memory, ...) may be given here or in model_kwargs; the other keywords are the
+    pipeline's call defaults, as in transformers."""
     if task not in (TASK, REGISTERED_TASK):
         raise ValueError(f"paged_backend's pipeline serves task {TASK!r} only, not {task!r}")
     if model is None:
