@@ -182,13 +182,11 @@ def test_request_waits_for_its_grammar_without_stalling_others(llm):
 
 def test_bitmask_covers_a_model_vocab_larger_than_the_tokenizer(smollm_tokenizer):
     """Padded logit ids beyond the tokenizer's vocabulary are never allowed by a grammar."""
-    from transformers import AutoTokenizer
-
     from paged_backend.runtime.grammar_mask import apply_grammar_bitmask
     from paged_backend.structured.compiler import GrammarCompiler
     from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar
 
-    tok = AutoTokenizer.from_pretrained(smollm_tokenizer)
+    tok = smollm_tokenizer
     vocab = len(tok) + 100
     compiled = GrammarCompiler(tok, vocab, [tok.eos_token_id]).submit(StructuredOutputs(choice=["yes", "no"])).result()
     mask = BitmaskFiller(vocab).fill([SequenceGrammar(compiled)])
