@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from paged_backend.bench import peers as peers_mod
+from paged_backend.bench import serve as serve_mod
 from paged_backend.bench.plot import write_plot
 from paged_backend.bench.roofline import ModelCost, floor_seconds, measure_rates
 from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
@@ -196,6 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--input-len", type=_range, default=(512, 512))
     lat.add_argument("--num-iters", type=int, default=5)
     lat.set_defaults(bench_func=latency)
+    serve_mod.add_parser(sub)
 
 
 def check_peers(a) -> None:
