@@ -22,7 +22,9 @@ import asyncio
 import json
 import math
 import random
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,22 +55,33 @@ def _servers(text: str) -> list[str]:
     return names
 
 
-def exact_length_prompts(tokenizer, num: int, input_len: int, seed: int) -> list[str]:
-    """Texts that re-encode to exactly `input_len` tokens (random ids, decoded, re-encoded, topped
-    up until the length holds); unique with overwhelming probability."""
+def _len_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or MIN:MAX with 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def exact_length_prompts(tokenizer, num: int, input_len: int | tuple[int, int], seed: int) -> list[str]:
+    """Texts that re-encode to exactly their length in tokens (random ids, decoded, re-encoded,
+    topped up until the length holds), lengths uniform in `input_len` (as workload A draws them);
+    unique with overwhelming probability."""
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
+    lo, hi = (input_len, input_len) if isinstance(input_len, int) else input_len
     texts = []
     for _ in range(num):
-        ids = [rng.choice(vocab) for _ in range(input_len)]
+        n = rng.randint(lo, hi)
+        ids = [rng.choice(vocab) for _ in range(n)]
         for _ in range(20):
-            ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)[:input_len]
-            if len(ids) == input_len and len(tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)) == input_len:
+            ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)[:n]
+            if len(ids) == n and len(tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)) == n:
                 break
-            ids += [rng.choice(vocab) for _ in range(input_len - len(ids))]
+            ids += [rng.choice(vocab) for _ in range(n - len(ids))]
         else:
-            raise ValueError(f"could not make a {input_len}-token prompt with this tokenizer; use --prompt-file")
+            raise ValueError(f"could not make a {n}-token prompt with this tokenizer; use --prompt-file")
         texts.append(tokenizer.decode(ids))
     return texts
 
@@ -174,9 +187,15 @@ def _saturation(levels: list[dict]) -> float | None:
     return None
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the `finally` that stops the servers
+
+
 def serve(a) -> dict:
     from transformers import AutoTokenizer
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     levels = _levels(a)
     total = a.warmup + sum(lv["num"] for lv in levels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +209,7 @@ def serve(a) -> dict:
                 raise ValueError(f"prompt file {a.prompt_file} has no prompts (one per line)")
             prompts = [lines[i % len(lines)] for i in range(total)]
         else:
-            print(f"[bench serve] making {total} prompts of {a.input_len} tokens", flush=True)
+            print(f"[bench serve] making {total} prompts of {a.input_len[0]}-{a.input_len[1]} tokens", flush=True)
             prompts = exact_length_prompts(tokenizer, total, a.input_len, a.seed)
         results, versions, commands = {}, {}, {}
         _print_header()
@@ -199,7 +218,8 @@ def serve(a) -> dict:
                 results[kind] = _run_against(a, kind, a.base_url, tokenizer, prompts, levels)
                 continue
             port = free_port()
-            cmd = server_command(kind, model_dir, port, a.dtype, a.device, _extra(a, kind))
+            kv = a.kv_cache_memory or (2 << 30 if _on_cpu(a.device) else None)
+            cmd = server_command(kind, model_dir, port, a.dtype, a.device, kv, _extra(a, kind))
             env = {"PAGED_BACKEND_TORCH_THREADS": str(a.server_threads), "OMP_NUM_THREADS": str(a.server_threads)} \
                 if a.server_threads else {}
             print(f"[bench serve] starting {kind}: {' '.join(cmd)}", flush=True)
@@ -212,7 +232,7 @@ def serve(a) -> dict:
             finally:
                 proc.stop()
             versions[kind], commands[kind] = server_version(kind), " ".join(cmd)
-    report = dict(kind="serve", model=a.model, endpoint=a.endpoint, input_len=None if a.prompt_file else a.input_len,
+    report = dict(kind="serve", model=a.model, endpoint=a.endpoint, input_len=None if a.prompt_file else list(a.input_len),
                   prompt_file=a.prompt_file, output_len=a.output_len, slo=dict(ttft_s=a.slo_ttft, itl_s=a.slo_itl),
                   versions=versions, commands=commands, results=results, comparison=_compare(results),
                   saturation_rate={k: _saturation(v) for k, v in results.items()})
@@ -235,6 +255,12 @@ def _run_against(a, kind, base_url, tokenizer, prompts, levels):
 
     model_id = a.served_model or httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]["id"]
     return _measure(a, kind, base_url, model_id, tokenizer, prompts, levels)
+
+
+def _on_cpu(device: str) -> bool:
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
 def _extra(a, kind: str) -> list[str]:
@@ -260,12 +286,15 @@ def add_parser(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests at rate levels")
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (rate levels: 64)")
     p.add_argument("--prompts-per-client", type=int, default=8, help="concurrency levels: N x this requests")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (the user message for chat)")
+    p.add_argument("--input-len", type=_len_range, default=(256, 256),
+                   help="prompt tokens, N or MIN:MAX (uniform, as workload A's 100:1024); the user message for chat")
     p.add_argument("--prompt-file", default=None, help="one prompt per line instead of random ones")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2, help="requests (16 tokens) before measuring each server")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
     p.add_argument("--slo-itl", type=float, default=0.05, help="seconds per output token (TPOT)")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="bytes of KV cache for each server (CPU default 2 GiB, our engine's CPU default)")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of each server (default: its own)")
     p.add_argument("--ours-args", action="append", default=None, help="extra `paged-backend serve` flags")
     p.add_argument("--transformers-args", action="append", default=None, help="extra `transformers serve` flags")

@@ -68,14 +68,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(kind: str, model_dir: Path, port: int, dtype: str, device: str, extra: list[str]) -> list[str]:
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = {"float32": 4, "auto": 4}.get(dtype, 2)
+    return cfg.num_hidden_layers * 2 * hkv * d * size
+
+
+def server_command(kind: str, model_dir: Path, port: int, dtype: str, device: str, kv_cache_memory: int | None,
+                   extra: list[str]) -> list[str]:
+    """The command line of one server. `kv_cache_memory` (bytes) sizes both servers' KV caches
+    alike; on the CPU it must be given: transformers' continuous batching otherwise takes most of
+    the machine's RAM for its cache."""
     if kind == "ours":
         cmd = [sys.executable, "-m", "paged_backend.cli", "serve", "--model", str(model_dir), "--host",
                "127.0.0.1", "--port", str(port), "--dtype", dtype, "--device", device]
+        if kv_cache_memory:
+            cmd += ["--kv-cache-memory", str(kv_cache_memory)]
     else:
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
                "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-               "--device", "auto" if device == "auto" else device]
+               "--device", device]
+        if kv_cache_memory:
+            block = 16
+            blocks = kv_cache_memory // (block * kv_bytes_per_token(model_dir, dtype))
+            cmd += ["--cb-block-size", str(block), "--cb-num-blocks", str(blocks)]
     return cmd + extra
 
 
