@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 import paged_backend
 from paged_backend.bench.workload import SHAPES, make_model_dir
 
@@ -129,6 +127,8 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float) -> str:
         """Polls GET /v1/models until it lists a model; returns that model's id."""
+        import httpx
+
         t0 = time.monotonic()
         last_print = t0
         while time.monotonic() - t0 < timeout:
