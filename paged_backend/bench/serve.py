@@ -296,8 +296,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="bytes of KV cache for each server (CPU default 2 GiB, our engine's CPU default)")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of each server (default: its own)")
-    p.add_argument("--ours-args", action="append", default=None, help="extra `paged-backend serve` flags")
-    p.add_argument("--transformers-args", action="append", default=None, help="extra `transformers serve` flags")
+    p.add_argument("--ours-args", action="append", default=None, help="extra `paged-backend serve` flags, as --ours-args='--max-num-seqs 64'")
+    p.add_argument("--transformers-args", action="append", default=None, help="extra `transformers serve` flags, as --transformers-args='--attn-implementation sdpa'")
     p.add_argument("--extra-body", default=None, help="JSON merged into every request body")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--workdir", default=None, help="keep model folder and server logs here")

@@ -76,24 +76,29 @@ def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     return cfg.num_hidden_layers * 2 * hkv * d * size
 
 
+MAX_KV_TOKENS = 65536  # transformers' CB builds attention masks as wide as its cache: keep both bounded
+
+
 def server_command(kind: str, model_dir: Path, port: int, dtype: str, device: str, kv_cache_memory: int | None,
                    extra: list[str]) -> list[str]:
-    """The command line of one server. `kv_cache_memory` (bytes) sizes both servers' KV caches
-    alike; on the CPU it must be given: transformers' continuous batching otherwise takes most of
-    the machine's RAM for its cache."""
+    """The command line of one server. `kv_cache_memory` (bytes, at most MAX_KV_TOKENS tokens) sizes
+    both servers' KV caches alike; on the CPU it must be given: transformers' continuous batching
+    otherwise sizes its cache from the machine's total RAM."""
+    tokens = None
+    if kv_cache_memory:
+        per_token = kv_bytes_per_token(model_dir, dtype)
+        tokens = min(kv_cache_memory // per_token, MAX_KV_TOKENS)
     if kind == "ours":
         cmd = [sys.executable, "-m", "paged_backend.cli", "serve", "--model", str(model_dir), "--host",
                "127.0.0.1", "--port", str(port), "--dtype", dtype, "--device", device]
-        if kv_cache_memory:
-            cmd += ["--kv-cache-memory", str(kv_cache_memory)]
+        if tokens:
+            cmd += ["--kv-cache-memory", str(tokens * per_token)]
     else:
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
                "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                "--device", device]
-        if kv_cache_memory:
-            block = 16
-            blocks = kv_cache_memory // (block * kv_bytes_per_token(model_dir, dtype))
-            cmd += ["--cb-block-size", str(block), "--cb-num-blocks", str(blocks)]
+        if tokens:
+            cmd += ["--cb-block-size", "16", "--cb-num-blocks", str(tokens // 16)]
     return cmd + extra
 
 
