@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from paged_backend.args import EngineArgs
-from paged_backend.chat import render_chat
 from paged_backend.engine.engine import Engine
 from paged_backend.engine.stats import EngineStats
 from paged_backend.params import coerce_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
+from paged_backend.prompts import PromptPreparer
 
 Prompt = Union[str, list[int]]
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
@@ -26,13 +26,18 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct")
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+
+    model: a bundled alias, HF directory or hub id, .gguf file — or an already-loaded transformers
+    causal LM (used in place, with tokenizer= a tokenizer object or path). model_impl: "auto"
+    (native code where there is one, else transformers' modeling code with paged attention),
+    "native" or "transformers".
     """
 
     def __init__(
         self,
-        model: str,
+        model: Any,
         *,
-        tokenizer: Optional[str] = None,
+        tokenizer: Any = None,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: Optional[int] = None,
@@ -45,21 +50,30 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        model_impl: str = "auto",
     ):
         self.args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format, seed=seed, enforce_eager=enforce_eager,
+            load_format=load_format, seed=seed, enforce_eager=enforce_eager, model_impl=model_impl,
         )
         self._engine: Optional[Engine] = Engine(self.args)
+        self._prepare: Optional[PromptPreparer] = PromptPreparer(self._engine)
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("this LLM was shut down; create a new one")
         return self._engine
+
+    @property
+    def _prompts(self) -> PromptPreparer:
+        """Turns prompts and conversations into (text, token ids) as generate() and chat() do."""
+        if self._prepare is None:
+            raise RuntimeError("this LLM was shut down; create a new one")
+        return self._prepare
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -72,7 +86,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (str or token-id list); results in input order."""
-        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, prompt_texts=None)
+        return self._run([self._prompts.prompt(p) for p in _as_prompt_list(prompts)], sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -82,28 +96,25 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        tokenizer's chat template."""
+        tokenizer's chat template. tools: function definitions for a template that takes them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs:
             raise ValueError("no conversation given")
-        rendered = [
-            render_chat(self.engine.tokenizer, c, add_generation_prompt, continue_final_message, chat_template)
-            for c in convs
-        ]
-        return self._run([ids for _, ids in rendered], sampling_params, use_tqdm, [t for t, _ in rendered])
+        rendered = [self._prompts.chat(c, add_generation_prompt, continue_final_message, chat_template, tools)
+                    for c in convs]
+        return self._run(rendered, sampling_params, use_tqdm)
 
-    def _run(self, prompts, sampling_params, use_tqdm, prompt_texts) -> list[RequestOutput]:
+    def _run(self, prompts: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
+        """prompts: (text or None, token ids) of each request."""
         engine = self.engine
-        params = _per_prompt_params(sampling_params, len(prompts))
+        params = per_prompt_params(sampling_params, len(prompts))
         ids: list[str] = []
         try:
-            for i, (p, sp) in enumerate(zip(prompts, params)):
-                req = engine.add_request(p, sp)
-                if prompt_texts is not None:
-                    req.prompt = prompt_texts[i]
-                ids.append(req.request_id)
+            for (text, p), sp in zip(prompts, params):
+                ids.append(engine.add_request(p, sp, prompt_text=text).request_id)
         except Exception:
             for rid in ids:  # leave the engine as it was: no half-submitted batch
                 engine.abort_request(rid)
@@ -132,6 +143,25 @@ class LLM:
             bar.close()
         return results  # type: ignore[return-value]
 
+    def generate_stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None
+                        ) -> Iterator[RequestOutput]:
+        """One prompt's outputs while it is generated, each carrying the deltas since the previous
+        one (`text_delta`, `token_ids_delta`); the last one is finished. Closing the iterator early
+        aborts the request."""
+        engine = self.engine
+        text, ids = self._prompts.prompt(prompt)
+        rid = engine.add_request(ids, coerce_params(sampling_params), prompt_text=text).request_id
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)
+
     # ---- lifecycle --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -140,7 +170,7 @@ class LLM:
         if self._engine is None:
             return
         self._engine.shutdown()
-        self._engine = None
+        self._engine = self._prepare = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -164,7 +194,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     raise TypeError(f"prompts must be a str, a list of str or token-id lists; got {type(prompts).__name__}")
 
 
-def _per_prompt_params(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
+def per_prompt_params(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
     if isinstance(sampling_params, (list, tuple)):
         if len(sampling_params) != n:
             raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts: give one, or one per prompt")

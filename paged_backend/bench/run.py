@@ -42,11 +42,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _engine(a, model_dir: str):
+def _engine(a, model_dir: str, model_impl: str = "auto"):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs)
+              max_num_seqs=a.max_num_seqs, model_impl=model_impl)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
@@ -94,23 +94,27 @@ def _dataset(a, llm) -> list[Request]:
 def throughput(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
-        device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
-        requests = _dataset(a, llm)
-        _warm_up(llm, requests)
-        print(f"[bench] paged-backend: {len(requests)} requests", flush=True)
-        seconds, timeline, outs = _drive(llm, requests)
-        stats = llm.stats()
-        print(f"[bench] paged-backend: {seconds:.2f} s", flush=True)
-        probe = None
-        if a.probe_batch:
-            probe = probe_steps(llm, min(a.probe_batch, a.max_num_seqs), a.probe_prompt_len)
-        llm.shutdown()
-        del llm
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        ours = dict(name="paged-backend", seconds=seconds, output_tokens=out_tokens, startup_s=startup_s,
-                    steps=stats.num_steps, preemptions=stats.num_preemptions, requests=len(requests))
-        results = [ours]
+        results, probe = [], None
+        for impl in a.model_impl:  # several: each runs in turn, the first is the one peers are compared with
+            llm, startup_s = _engine(a, model, impl)
+            device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
+            requests = _dataset(a, llm)
+            _warm_up(llm, requests)
+            print(f"[bench] paged-backend [{impl}]: {len(requests)} requests", flush=True)
+            seconds, run_timeline, outs = _drive(llm, requests)
+            stats = llm.stats()
+            print(f"[bench] paged-backend [{impl}]: {seconds:.2f} s", flush=True)
+            if not results and a.probe_batch:  # the step diagnostics of the first run's engine
+                probe = probe_steps(llm, min(a.probe_batch, a.max_num_seqs), a.probe_prompt_len)
+            llm.shutdown()
+            del llm
+            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if not results:
+                timeline = run_timeline  # the plot shows the first run's
+            results.append(dict(name="paged-backend" + ("" if impl == "auto" else f" [{impl}]"), seconds=seconds,
+                                output_tokens=out_tokens, startup_s=startup_s, steps=stats.num_steps,
+                                preemptions=stats.num_preemptions, requests=len(requests)))
+        ours = results[0]
         for name in a.peers:
             results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
     print("[bench] measuring copy bandwidth and matmul rate", flush=True)
@@ -123,7 +127,7 @@ def throughput(a) -> dict:
                  total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
                  roofline_fraction=floor["total_s"] / r["seconds"])
     for r in results[1:]:
-        ours[f"vs_{r['peer']}"] = r["seconds"] / ours["seconds"]
+        ours[f"vs_{r.get('peer', r['name'])}"] = r["seconds"] / ours["seconds"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline,
@@ -157,7 +161,7 @@ def _print_throughput(rep: dict) -> None:
 def latency(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
+        llm, startup_s = _engine(a, model, a.model_impl[0])
 
         def batch(i: int) -> list[Request]:  # fresh prompts each run: no run reuses another's cached prefix
             return random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed + i)
@@ -207,6 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--kv-cache-memory", type=int, default=None)
         q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],
+                       help="auto | native | transformers; comma-separated runs each in turn (throughput)")
         q.add_argument("--json", default=None, help="write the results here")
     t.add_argument("--num-prompts", type=int, default=256)
     t.add_argument("--input-len", type=_range, default=(100, 1024), help="N or MIN:MAX (random token ids)")
