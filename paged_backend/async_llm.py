@@ -23,16 +23,13 @@ from typing import Any, AsyncIterator, Optional, Union
 from paged_backend.args import EngineArgs
 from paged_backend.chat import render_chat
 from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.errors import EngineDeadError
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
 
 
 _ADMISSION_GAP_S = 0.002
 _ADMISSION_WINDOW_MAX_S = 0.02
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed while running a batch; the requests in it were aborted."""
 
 
 @dataclass
