@@ -5,10 +5,15 @@ Rank 0 is the caller's process (like vLLM's driver worker): it holds shard 0 on 
 idles and the logits gathered to it are sampled where they land, with no extra hop. The scheduler,
 block manager, sampler and detokenizer stay with it; the workers only ever see plain step inputs.
 
-Faults: a monitor thread waits on the workers' process sentinels; when one exits unasked, the
-executor is dead, collectives blocked on it are aborted, and this and every later step raise
-EngineDeadError. `shutdown()` (also at interpreter exit) stops the workers, killing any that does
-not stop within seconds; spawned workers also exit when the engine's process is gone.
+Workers are fresh interpreters (`python -m paged_backend.cli worker`, the same entry point
+torchrun-started workers use) rather than multiprocessing children: a spawn-context child re-runs
+the caller's `__main__`, which breaks every script without an `if __name__ == "__main__"` guard.
+They run in their own session, so a terminal's Ctrl-C reaches only the engine, which ends them.
+
+Faults: a monitor thread watches the worker processes; when one exits unasked, the executor is
+dead, collectives blocked on it are aborted, and this and every later step raise EngineDeadError.
+`shutdown()` (also at interpreter exit) stops the workers, killing any that does not stop within
+seconds; a worker also exits by itself when the engine's process is gone.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import atexit
 import dataclasses
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
-from datetime import timedelta
-from multiprocessing.connection import wait
+from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from paged_backend.errors import EngineDeadError
 from paged_backend.layers.parallel import TPGroup, even_slices, qkv_slices
@@ -45,7 +50,8 @@ from paged_backend.runtime.shard import ShardSpec, build_shard
 logger = logging.getLogger("paged_backend")
 
 _JOIN_S = 5.0
-_READY_POLL_S = 0.2
+_POLL_S = 0.2
+_START_TIMEOUT_S = 600
 
 
 def validate_tensor_parallel(hf_config, tp_size: int, device_type: str) -> None:
@@ -67,7 +73,7 @@ class TPExecutor:
 
     def __init__(self, spec: ShardSpec, tp_size: int, source=None):
         self.tp_size = tp_size
-        self._procs: list[mp.Process] = []
+        self._procs: list[subprocess.Popen] = []
         self._dead: str | None = None
         self._closing = False
         env_rdv = Rendezvous.from_environment()
@@ -105,54 +111,52 @@ class TPExecutor:
         if rdv.rank != 0:
             raise ValueError(
                 f"RANK={rdv.rank}: only rank 0 runs the engine; start the other ranks with "
-                "`python -m paged_backend.runtime.worker`"
+                "`paged-backend worker` (or the same command under torchrun)"
             )
         return rdv
 
     def _spawn(self, port: int, device_type: str) -> None:
-        for key, value in NCCL_ENV.items():  # inherited by the spawned interpreters
-            os.environ.setdefault(key, value)
-        ctx = mp.get_context("spawn")
+        """One worker process per rank 1..N-1, meeting rank 0 through the environment rendezvous."""
+        package_root = str(Path(__file__).resolve().parents[2])  # the workers import this very package
+        base = dict(os.environ, **{k: os.environ.get(k, v) for k, v in NCCL_ENV.items()})
+        base["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(self.tp_size))
+        cmd = [sys.executable, "-m", "paged_backend.cli", "worker", "--device", device_type,
+               "--parent-pid", str(os.getpid())]
         for rank in range(1, self.tp_size):
-            proc = ctx.Process(
-                target=worker.spawned_main,
-                args=("127.0.0.1", port, rank, self.tp_size, device_type, os.getpid()),
-                name=f"paged-backend-tp{rank}",
-                daemon=True,
-            )
-            proc.start()
-            self._procs.append(proc)
-        logger.info("started %d tensor-parallel workers (pids %s)", len(self._procs), [p.pid for p in self._procs])
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            self._procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        logger.info("started %d tensor-parallel workers (pids %s)", len(self._procs), self.worker_pids)
 
     def _wait_ready(self, store) -> None:
         """Wait for every worker to reach the store; fail at once if one exits first (a worker that
         never arrives would otherwise leave rank 0 in the rendezvous until its timeout)."""
-        keys = [f"worker_ready/{p.name.removeprefix('paged-backend-tp')}" for p in self._procs]
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                store.wait(keys, timedelta(seconds=_READY_POLL_S))
-                return
-            except RuntimeError:  # not all there yet (DistStoreError is a RuntimeError)
-                pass
-            gone = [p for p in self._procs if p.exitcode is not None]
-            if gone:
-                raise RuntimeError(f"tensor-parallel worker {gone[0].name} exited with code {gone[0].exitcode} while starting")
+        keys = [worker.ready_key(rank) for rank in range(1, self.tp_size)]
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not store.check(keys):
+            self._check_exits()
+            if self._dead is not None:
+                raise RuntimeError(f"tensor-parallel {self._dead} while starting")
             if time.monotonic() > deadline:
-                raise TimeoutError("tensor-parallel workers did not start within 10 minutes")
+                raise TimeoutError(f"tensor-parallel workers did not start within {_START_TIMEOUT_S} s")
+            time.sleep(_POLL_S)
+
+    def _check_exits(self) -> None:
+        for rank, proc in enumerate(self._procs, start=1):
+            if self._dead is None and proc.poll() is not None:
+                self._dead = f"worker rank {rank} (pid {proc.pid}) exited with code {proc.returncode}"
 
     def _watch(self) -> None:
         if self._procs:
             threading.Thread(target=self._monitor, name="paged-backend-tp-monitor", daemon=True).start()
 
     def _monitor(self) -> None:
-        ended = wait([p.sentinel for p in self._procs])
-        if self._closing:
-            return
-        proc = next(p for p in self._procs if p.sentinel in ended)
-        self._dead = f"worker {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
-        logger.error("tensor parallelism: %s; the engine is dead", self._dead)
-        abort_groups()
+        while not self._closing and self._dead is None:
+            self._check_exits()
+            time.sleep(_POLL_S)
+        if self._dead is not None and not self._closing:
+            logger.error("tensor parallelism: %s; the engine is dead", self._dead)
+            abort_groups()
 
     # ---- steps -----------------------------------------------------------------------------
     @property
@@ -171,9 +175,8 @@ class TPExecutor:
             worker.send(self.control, dataclasses.replace(step, sampling_rows=[]))
             return self.runner.execute(step, *args, **kwargs)
         except Exception as exc:
-            if self._dead is None and any(p.exitcode is not None for p in self._procs):
-                time.sleep(0.1)  # the monitor names the worker
-            if self._dead is not None or not self._procs:
+            self._check_exits()
+            if self._dead is not None:
                 raise EngineDeadError(f"the engine is dead: tensor-parallel {self._dead or exc!r}") from exc
             raise
 
@@ -195,21 +198,30 @@ class TPExecutor:
             runner.release()
         deadline = time.monotonic() + _JOIN_S
         for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+            _wait(proc, deadline - time.monotonic())
         for proc in self._procs:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.terminate()
-                proc.join(_JOIN_S)
-            if proc.is_alive():
+                _wait(proc, _JOIN_S)
+            if proc.poll() is None:
                 proc.kill()
-                proc.join()
+                proc.wait()
         if self._dead is not None:
             abort_groups()
         destroy_groups()
 
+    release = shutdown  # what the engine calls on its runner at shutdown
+
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> None:
+    try:
+        proc.wait(max(0.0, seconds))
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _atexit_shutdown(executor: TPExecutor):

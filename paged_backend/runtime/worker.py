@@ -1,23 +1,25 @@
 """A tensor-parallel worker: ranks 1..N-1. It builds its shard, then runs every step rank 0 sends
 until rank 0 says stop or goes away.
 
-Started by rank 0 (spawned, one per GPU) or from outside with the environment rendezvous::
+One entry point for both ways of starting it, the environment rendezvous::
 
-    MASTER_ADDR=host0 MASTER_PORT=29500 RANK=1 WORLD_SIZE=2 python -m paged_backend.runtime.worker
+    MASTER_ADDR=host0 MASTER_PORT=29500 RANK=1 WORLD_SIZE=2 paged-backend worker
 
-(what torchrun does on every host; the rank-0 process runs the engine with the same variables set).
-A worker needs nothing else: rank 0 sends it the engine arguments over the control group.
+either by rank 0 itself (one worker per GPU of its host, on a loopback port it chose) or from outside
+(torchrun on every host; the rank-0 process runs the engine with the same variables set). A worker
+needs nothing else: rank 0 sends it the engine arguments over the control group.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
 from paged_backend.runtime.distributed import Rendezvous, destroy_groups, device_for, init_groups, open_store
@@ -40,7 +42,7 @@ def send(control, obj) -> None:
 
 
 def _exit_with_parent(parent_pid: int) -> None:
-    """A spawned worker must not outlive the engine's process, however that process ended."""
+    """A started worker must not outlive the engine's process, however that process ended."""
     while os.getppid() == parent_pid:
         time.sleep(_PARENT_POLL_S)
     os._exit(1)
@@ -48,7 +50,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     """Join the group, build this rank's shard, run steps until told to stop."""
-    device_type = device_type or ("cuda" if _cuda_visible() else "cpu")
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     tp, control = init_groups(rdv, device_type, store)
     try:
         spec: ShardSpec = receive(control)
@@ -60,25 +62,14 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
         destroy_groups()
 
 
-def spawned_main(addr: str, port: int, rank: int, world_size: int, device_type: str, parent_pid: int) -> None:
-    """Entry point of a worker that rank 0 spawned (torch.multiprocessing, spawn context)."""
-    # Ctrl-C reaches the whole foreground process group; only the engine's process acts on it and
-    # ends the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    rdv = Rendezvous(addr, port, rank, world_size, local_rank=rank)
-    store = open_store(rdv)
-    store.set(f"worker_ready/{rank}", "1")
-    serve(rdv, device_type, store)
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="paged-backend worker",
+        description="a tensor-parallel worker (rank > 0); rendezvous from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE",
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    a, _ = parser.parse_known_args(argv)  # under torchrun the engine's own flags may follow
     rdv = Rendezvous.from_environment()
     if rdv is None:
         print("set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE (as torchrun does)", file=sys.stderr)
@@ -86,10 +77,15 @@ def main() -> int:
     if rdv.rank == 0:
         print("RANK=0 runs the engine (LLM / serve with tensor_parallel_size), not a worker", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rdv.rank}] %(message)s")
-    serve(rdv)
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rdv.rank}] %(levelname)s %(message)s")
+    if a.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(a.parent_pid,), daemon=True).start()
+    store = open_store(rdv)
+    store.set(ready_key(rdv.rank), "1")  # rank 0 waits for this, watching the process meanwhile
+    serve(rdv, a.device, store)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def ready_key(rank: int) -> str:
+    return f"paged_backend/worker_ready/{rank}"
+
