@@ -30,6 +30,7 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from paged_backend.errors import EngineDeadError
 from paged_backend.layers.parallel import TPGroup, even_slices, qkv_slices
@@ -175,7 +176,12 @@ class TPExecutor:
             worker.send(self.control, dataclasses.replace(step, sampling_rows=[]))
             return self.runner.execute(step, *args, **kwargs)
         except Exception as exc:
-            self._check_exits()
+            deadline = time.monotonic() + _JOIN_S  # a peer's socket may close just before its exit is seen
+            while self._procs and self._dead is None and time.monotonic() < deadline:
+                self._check_exits()
+                time.sleep(0.05)
+            if not self._procs and _peer_gone(exc):  # ranks started from outside: no process to watch
+                self._dead = f"peer rank went away ({exc})"
             if self._dead is not None:
                 raise EngineDeadError(f"the engine is dead: tensor-parallel {self._dead or exc!r}") from exc
             raise
@@ -215,6 +221,11 @@ class TPExecutor:
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+
+def _peer_gone(exc: Exception) -> bool:
+    # gloo reports a vanished peer as a plain RuntimeError; NCCL and the store as DistError.
+    return isinstance(exc, torch.distributed.DistError) or "closed by peer" in str(exc)
 
 
 def _wait(proc: subprocess.Popen, seconds: float) -> None:

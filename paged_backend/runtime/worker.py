@@ -51,6 +51,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     """Join the group, build this rank's shard, run steps until told to stop."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The ranks of one host share its cores: N ranks with all cores each would oversubscribe them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.world_size))
     tp, control = init_groups(rdv, device_type, store)
     try:
         spec: ShardSpec = receive(control)
