@@ -145,12 +145,7 @@ def paged_attention(
         sliding_window = None
     if softcap is not None and softcap <= 0:
         softcap = None
-    mod = _pick(impl, q)
-    if mod is reference:
-        return reference.paged_attention(
-            q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out
-        )
-    return mod.paged_attention(
+    return _pick(impl, q).paged_attention(
         q,
         kv_cache,
         block_tables,

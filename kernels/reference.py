@@ -185,8 +185,13 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     out: torch.Tensor | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring."""
+    """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring.
+    max_query_len / max_seq_len are accepted for the Triton entry point's signature and unused:
+    this twin reads the lengths from the tensors."""
     if out is None:
         out = torch.empty_like(q)
     seq_lens_l = seq_lens.tolist()

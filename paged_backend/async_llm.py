@@ -22,8 +22,10 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from paged_backend.args import EngineArgs
 from paged_backend.chat import render_chat
-from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.engine.engine import Engine, StepFailed
+from paged_backend.engine.stats import EngineStats
 from paged_backend.errors import EngineDeadError
+from paged_backend.params import coerce_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
 
@@ -70,7 +72,13 @@ class AsyncLLM:
                     return
                 try:
                     outputs: list[Union[RequestOutput, BaseException]] = list(self.engine.step())
-                except Exception as e:  # a failed batch: its requests end with the error, the engine goes on
+                except StepFailed as e:  # the engine aborted that step's requests and goes on
+                    outputs = list(e.outputs)
+                    for rid in e.request_ids:
+                        err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e.cause!r}")
+                        err.__cause__ = e.cause
+                        outputs.append(_Tagged(rid, err))
+                except Exception as e:  # the engine itself is broken: every request ends with the error
                     outputs = []
                     for rid in list(self.engine.requests):
                         self.engine.abort_request(rid)

@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 
 from paged_backend.args import EngineArgs
 from paged_backend.chat import render_chat
-from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.engine.engine import Engine
+from paged_backend.engine.stats import EngineStats
+from paged_backend.params import coerce_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
 

@@ -141,3 +141,24 @@ def test_idle_engine_uses_no_cpu(engine):
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert time.time() - t0 >= 2.0
     assert cpu < 0.05, f"idle engine burned {cpu:.3f} s of CPU in 2 s"
+
+
+def test_a_failing_step_fails_only_its_requests(model_dir):
+    """A request that breaks its step (parameters that skipped validation) ends with EngineDeadError;
+    a request streamed beside it but not in that step finishes normally."""
+    from paged_backend import EngineDeadError
+
+    bad = SamplingParams.model_construct(**{**PARAMS.model_dump(), "repetition_penalty": "x"})
+
+    async def run(llm):
+        async def consume(p, params):
+            outs = [o async for o in llm.generate(p, params)]
+            return outs[-1].outputs[0].token_ids
+
+        return await asyncio.gather(consume([5, 6, 7], bad), consume([8, 9, 10], PARAMS), return_exceptions=True)
+
+    with AsyncLLM(model_dir, dtype="float32", device="cpu", max_num_seqs=1) as llm:
+        failed, good = asyncio.run(run(llm))
+        assert isinstance(failed, EngineDeadError)
+        assert isinstance(good, list) and len(good) == PARAMS.max_tokens
+        assert llm.stats().num_blocks_used == 0

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import transformers
 
-from paged_backend.models.registry import MODEL_TYPE_ARCHITECTURES
+from paged_backend.architectures import MODEL_TYPE_ARCHITECTURES
 
 from .errors import ModelLoadError
 from .gguf_file import GGUFFile

@@ -9,16 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from paged_backend.args import EngineArgs
-from paged_backend.loader import init_dummy_weights, iter_weights, load_tokenizer, resolve_model
-from paged_backend.models.registry import get_model_class, kv_cache_shape_info
-from paged_backend.runtime.kv_cache import (
-    DEFAULT_CPU_KV_CACHE_BYTES,
-    KVCacheSpec,
-    check_fits,
-    cuda_kv_budget,
-    num_blocks_for_bytes,
-)
+from paged_backend.loader import load_tokenizer, resolve_model
 from paged_backend.runtime.model_runner import ModelRunner
+from paged_backend.runtime.shard import ShardSpec, build_shard
+from paged_backend.runtime.tp_executor import TPExecutor, validate_tensor_parallel
 
 logger = logging.getLogger("paged_backend")
 
@@ -36,7 +30,7 @@ class EngineSetup:
     vocab_size: int
     eos_token_ids: set[int]
     num_blocks: int
-    runner: ModelRunner
+    runner: ModelRunner | TPExecutor  # the executor runs every rank's runner; same interface
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,22 +64,6 @@ def eos_ids(source, tokenizer) -> set[int]:
     return ids
 
 
-def build_model(source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int):
-    cls = get_model_class(hf_config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(hf_config)
-    finally:
-        torch.set_default_dtype(previous)
-    if load_format == "dummy":
-        init_dummy_weights(model, seed=seed)
-    else:
-        model.load_weights((name, t.to(device)) for name, t in iter_weights(source, dtype))
-    return model.eval()
-
-
 def build_engine_parts(args: EngineArgs) -> EngineSetup:
     device = resolve_device(args.device)
     source = resolve_model(args.model, load_format=args.load_format)
@@ -102,24 +80,15 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         )
     max_batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
 
-    model = build_model(source, cfg, dtype, device, args.load_format, args.seed)
-    runner = ModelRunner(model, device, args.block_size)
-    num_layers, num_kv_heads, head_dim = kv_cache_shape_info(cfg)
-    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, args.block_size, dtype)
-
-    if args.kv_cache_memory is not None:
-        budget, where = args.kv_cache_memory, "kv_cache_memory"
-    elif device.type == "cuda":
-        tokens = min(max_batched, max_model_len)
-        budget = cuda_kv_budget(device, args.gpu_memory_utilization, lambda: runner.profile(tokens, spec))
-        where = "gpu_memory_utilization"
+    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched)
+    if args.tensor_parallel_size > 1:
+        # Checked before any process starts; then rank 0 (this process) and its workers build
+        # their shards together.
+        validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type)
+        runner = TPExecutor(spec, args.tensor_parallel_size, source)
+        num_blocks = runner.num_blocks
     else:
-        budget, where = DEFAULT_CPU_KV_CACHE_BYTES, "kv_cache_memory"
-    num_blocks = num_blocks_for_bytes(spec, budget)
-    check_fits(spec, num_blocks, max_model_len, where)
-    runner.bind_kv_caches(spec.allocate(num_blocks, device))
-    if device.type == "cuda" and not args.enforce_eager:
-        runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), max_model_len)
+        runner, num_blocks = build_shard(spec, source, device=device)
 
     vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
     return EngineSetup(
