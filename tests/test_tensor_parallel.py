@@ -25,6 +25,7 @@ import pytest
 from conftest import hf_greedy, save_tiny_model
 from paged_backend import LLM, EngineDeadError, SamplingParams
 
+pytestmark = pytest.mark.slow  # each engine here starts processes (fresh interpreters importing torch)
 TP = 2
 MAX_NEW = 24
 BLOCKS = 12  # 12 blocks of 16 tokens for 6 prompts of up to ~135 tokens: the scheduler must preempt
