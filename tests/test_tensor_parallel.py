@@ -27,7 +27,7 @@ from paged_backend import LLM, EngineDeadError, SamplingParams
 
 pytestmark = pytest.mark.slow  # each engine here starts processes (fresh interpreters importing torch)
 TP = 2
-MAX_NEW = 24
+MAX_NEW = 16
 BLOCKS = 12  # 12 blocks of 16 tokens for 6 prompts of up to ~135 tokens: the scheduler must preempt
 
 
@@ -75,14 +75,13 @@ def test_tp2_greedy_matches_transformers(kind, tiny_model_dir, kv1_qwen3_dir):
     before = _children()
     with LLM(str(model_dir), **_engine_kwargs(model_dir, TP)) as llm:
         assert len(_children() - before) == TP - 1, "one worker process per rank but rank 0"
-        for round_ in range(2):  # the second round runs on a warm prefix cache
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            for i, (out, exp) in enumerate(zip(outs, expected)):
-                assert out.outputs[0].token_ids == exp, f"{kind} round {round_}: prompt {i} differs"
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for i, (out, exp) in enumerate(zip(outs, expected)):
+            assert out.outputs[0].token_ids == exp, f"{kind}: prompt {i} differs"
         stats = llm.stats()
         assert stats.num_preemptions > 0, "the small cache did not force a preemption"
-        assert stats.prefix_cache_hit_tokens > 0
-        assert stats.num_steps > 2 * MAX_NEW + 8, "long prompts were not chunked"
+        assert stats.prefix_cache_hit_tokens > 0, "the shared prefixes were not served from the cache"
+        assert stats.num_steps > MAX_NEW + 8, "long prompts were not chunked"
         assert stats.num_blocks_used == 0, "blocks leaked"
     _assert_gone(before)
 
