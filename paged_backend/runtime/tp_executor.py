@@ -95,7 +95,8 @@ class TPExecutor:
         except BaseException as exc:
             reason = self._dead
             self.shutdown()
-            if reason is not None:
+            # Bad arguments fail the workers too (they build the same shard): the error is the news.
+            if reason is not None and not isinstance(exc, (ValueError, TypeError)):
                 raise EngineDeadError(f"a tensor-parallel worker failed while starting: {reason}") from exc
             raise
         # Ends the workers when the interpreter exits without shutdown() (weakly: no cycle).
