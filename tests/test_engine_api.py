@@ -138,6 +138,7 @@ BAD = [
     ("hi", dict(seed=2**64 - 1, n=2, temperature=1.0), "seed"),
     ("hi", dict(seed=-1), "seed"),
     ("a lone surrogate \ud800 here", None, "prompt is not valid Unicode"),
+    ("x" * 10**7, None, "characters"),  # refused before tokenising it
 ]
 
 
@@ -195,6 +196,12 @@ def test_bad_batch_leaves_no_half_submitted_requests(llm):
     with pytest.raises(ValueError):
         llm.generate(["fine", "", "fine too"], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_output_carries_the_rendered_prompt(llm):
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("<|im_start|>assistant\n")
+    assert llm.get_tokenizer()(out.prompt, add_special_tokens=False)["input_ids"] == out.prompt_token_ids
 
 
 @pytest.mark.parametrize(
