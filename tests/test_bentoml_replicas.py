@@ -60,7 +60,10 @@ def test_two_replicas_answer_one_client(tmp_path, tiny_model_dir):
                 pass
             assert time.monotonic() < deadline, "bentoml serve did not get ready"
             time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        # One client; no kept-alive connections, so that the replicas' shared socket hands each
+        # request to whichever replica accepts it (a reused connection stays with one replica).
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120,
+                               http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)))
 
         def ask(i: int):
             return client.completions.create(model=str(model_dir), prompt="The replicas say", max_tokens=8,
