@@ -27,6 +27,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
+                   help="native model code, or transformers' modeling code with paged attention (auto: native if any)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model across")
 
 
@@ -50,7 +52,7 @@ def _make_llm(a):
     return LLM(
         a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-        max_num_seqs=a.max_num_seqs, tensor_parallel_size=a.tensor_parallel_size,
+        max_num_seqs=a.max_num_seqs, model_impl=a.model_impl, tensor_parallel_size=a.tensor_parallel_size,
     )
 
 
@@ -122,7 +124,7 @@ def cmd_serve(a) -> int:
                 served_model_name=a.served_model_name, allowed_origins=a.allowed_origins,
                 max_request_bytes=a.max_request_bytes, max_prompts_per_request=a.max_prompts_per_request,
                 max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout,
-                tensor_parallel_size=a.tensor_parallel_size)
+                model_impl=a.model_impl, tensor_parallel_size=a.tensor_parallel_size)
     for k, v in args.items():
         if v is not None:
             cmd += ["--arg", f"{k}={v}"]

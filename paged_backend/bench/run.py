@@ -40,11 +40,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _engine(a, model_dir: str):
+def _engine(a, model_dir: str, model_impl: str = "auto"):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs, tensor_parallel_size=a.tensor_parallel_size)
+              max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     t0 = time.perf_counter()
@@ -90,18 +90,23 @@ def _dataset(a, llm) -> list[Request]:
 def throughput(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
-        device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
-        requests = _dataset(a, llm)
-        _warm_up(llm, requests)
-        seconds, timeline, outs = _drive(llm, requests)
-        stats = llm.stats()
-        llm.shutdown()
-        del llm
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        ours = dict(name="paged-backend", seconds=seconds, output_tokens=out_tokens, startup_s=startup_s,
-                    steps=stats.num_steps, preemptions=stats.num_preemptions, requests=len(requests))
-        results = [ours]
+        results = []
+        for impl in a.model_impl:  # several: each runs in turn, the first is the one peers are compared with
+            llm, startup_s = _engine(a, model, impl)
+            device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
+            requests = _dataset(a, llm)
+            _warm_up(llm, requests)
+            seconds, run_timeline, outs = _drive(llm, requests)
+            stats = llm.stats()
+            llm.shutdown()
+            del llm
+            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if not results:
+                timeline = run_timeline  # the plot shows the first run's
+            results.append(dict(name="paged-backend" + ("" if impl == "auto" else f" [{impl}]"), seconds=seconds,
+                                output_tokens=out_tokens, startup_s=startup_s, steps=stats.num_steps,
+                                preemptions=stats.num_preemptions, requests=len(requests)))
+        ours = results[0]
         peer_requests = requests[: a.peer_num_prompts] if a.peer_num_prompts else requests
         for name in a.peers:
             if name == "hf-device-map":  # the model over tp GPUs, one layer range per GPU
@@ -124,7 +129,7 @@ def throughput(a) -> dict:
                  # the floor is that of all requests: a peer on fewer (--peer-num-prompts) has none
                  roofline_fraction=floor["total_s"] / r["seconds"] if r["requests"] == len(requests) else None)
     for r in results[1:]:  # by output rate: a peer may have run fewer requests (--peer-num-prompts)
-        ours[f"vs_{r['peer']}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
+        ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
@@ -165,7 +170,7 @@ def _all_reduce_bytes(config, dtype_bytes: int, tp: int, batch: int) -> dict:
 def latency(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
+        llm, startup_s = _engine(a, model, a.model_impl[0])
         batch = random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
         _warm_up(llm, batch)
         runs = []
@@ -209,6 +214,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--kv-cache-memory", type=int, default=None)
         q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],
+                       help="auto | native | transformers; comma-separated runs each in turn (throughput)")
         q.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
         q.add_argument("--json", default=None, help="write the results here")
     t.add_argument("--num-prompts", type=int, default=256)

@@ -10,6 +10,7 @@ import torch
 
 from paged_backend.args import EngineArgs
 from paged_backend.loader import load_tokenizer, resolve_model
+from paged_backend.loader.tokenizer import dir_tokenizer
 from paged_backend.runtime.model_runner import ModelRunner
 from paged_backend.runtime.shard import ShardSpec, build_shard
 from paged_backend.runtime.tp_executor import TPExecutor, validate_tensor_parallel
@@ -64,13 +65,65 @@ def eos_ids(source, tokenizer) -> set[int]:
     return ids
 
 
+def _tokenizer(args: EngineArgs, source):
+    if args.tokenizer is not None and not isinstance(args.tokenizer, str):
+        return args.tokenizer  # a tokenizer object
+    if source is not None:
+        return load_tokenizer(source, args.tokenizer)
+    from pathlib import Path
+
+    if args.tokenizer is not None:
+        from paged_backend.loader.resolve import resolve_tokenizer_path
+
+        return dir_tokenizer(resolve_tokenizer_path(args.tokenizer))
+    where = getattr(args.model, "name_or_path", None)  # the directory from_pretrained read it from
+    if not where or not Path(where).is_dir():
+        raise ValueError("a model object needs its tokenizer: pass tokenizer=<a tokenizer object or name/path>")
+    return dir_tokenizer(Path(where))
+
+
+def _from_model_object(args: EngineArgs):
+    """(model, device, dtype, eos ids) for an already-loaded transformers model, used in place."""
+    from paged_backend.models.hf.build import wrap
+
+    hf_model = args.model
+    param = next(hf_model.parameters())
+    device, dtype = param.device, param.dtype
+    if args.dtype != "auto" and _DTYPES[args.dtype] != dtype:
+        raise ValueError(f"dtype={args.dtype!r}, but the model object's weights are {dtype}; convert the model "
+                         "(model.to(dtype)) or leave dtype='auto'")
+    want = torch.device(args.device) if args.device != "auto" else device
+    if want.type != device.type or want.index not in (None, device.index):
+        raise ValueError(f"device={args.device!r}, but the model object is on {device}; move it (model.to(device)) "
+                         "or leave device='auto'")
+    if args.model_impl == "native":
+        raise ValueError("a model object runs through transformers' modeling code: model_impl='native' needs a "
+                         "name or path")
+    if args.load_format != "auto":
+        raise ValueError(f"load_format={args.load_format!r} does not apply to a model object (its weights are used)")
+    eos: set[int] = set()
+    for v in (getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+              getattr(hf_model.config, "eos_token_id", None)):
+        eos.update([v] if isinstance(v, int) else list(v or []))
+    return wrap(hf_model), device, dtype, eos
+
+
 def build_engine_parts(args: EngineArgs) -> EngineSetup:
-    device = resolve_device(args.device)
-    source = resolve_model(args.model, load_format=args.load_format)
-    cfg = source.hf_config
-    dtype = resolve_dtype(args.dtype, device, cfg)
-    tokenizer = load_tokenizer(source, args.tokenizer)
     torch.manual_seed(args.seed)
+    source = model = None
+    if isinstance(args.model, str):
+        device = resolve_device(args.device)
+        source = resolve_model(args.model, load_format=args.load_format)
+        cfg = source.hf_config
+        dtype = resolve_dtype(args.dtype, device, cfg)
+    else:
+        model, device, dtype, eos = _from_model_object(args)
+        cfg = args.model.config
+    tokenizer = _tokenizer(args, source)
+    if source is not None:
+        eos = eos_ids(source, tokenizer)
+    elif tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
 
     limit = getattr(cfg, "max_position_embeddings", None)
     if limit is None:  # configs that do not say: a conservative context
@@ -86,13 +139,16 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
 
     spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched)
     if args.tensor_parallel_size > 1:
+        if model is not None:
+            raise ValueError("tensor_parallel_size > 1 needs a model name or path (each rank loads its own shard), "
+                             "not a model object")
         # Checked before any process starts; then rank 0 (this process) and its workers build
         # their shards together.
-        validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type)
+        validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type, args.model_impl)
         runner = TPExecutor(spec, args.tensor_parallel_size, source)
         num_blocks = runner.num_blocks
     else:
-        runner, num_blocks = build_shard(spec, source, device=device)
+        runner, num_blocks = build_shard(spec, source, device=device, model=model)
 
     vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
     return EngineSetup(
@@ -103,7 +159,7 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         max_model_len=max_model_len,
         max_num_batched_tokens=max_batched,
         vocab_size=vocab,
-        eos_token_ids=eos_ids(source, tokenizer),
+        eos_token_ids=eos,
         num_blocks=num_blocks,
         runner=runner,
     )

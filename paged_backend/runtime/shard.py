@@ -7,6 +7,7 @@ ranks agree on the block count (the smallest rank decides), so block ids mean th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,8 @@ import torch.distributed as dist
 
 from paged_backend.args import EngineArgs
 from paged_backend.layers.parallel import SINGLE, TPGroup
-from paged_backend.loader import init_dummy_weights, iter_weight_slices, iter_weights, resolve_model
-from paged_backend.models.registry import get_model_class
+from paged_backend.loader import ModelLoadError, init_dummy_weights, iter_weight_slices, iter_weights, resolve_model
+from paged_backend.models.registry import get_model_class, resolve_impl
 from paged_backend.runtime.kv_cache import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     KVCacheSpec,
@@ -24,6 +25,8 @@ from paged_backend.runtime.kv_cache import (
     num_blocks_for_bytes,
 )
 from paged_backend.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger("paged_backend")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,22 @@ class ShardSpec:
 
 
 def build_model(source, spec: ShardSpec, device: torch.device, tp: TPGroup = SINGLE) -> torch.nn.Module:
-    """This rank's shard of the native model, with its weights (or dummy weights)."""
+    """This rank's model: the native code (sharded under tensor parallelism) where it runs the config,
+    else transformers' modeling code with our attention (one rank only)."""
+    args = spec.args
+    if resolve_impl(source.hf_config, args.model_impl) == "native":
+        try:
+            return _build_native(source, spec, device, tp)
+        except NotImplementedError as exc:  # e.g. a rope scaling type our layers do not have
+            if args.model_impl == "native" or tp.size > 1:
+                raise ModelLoadError(f"the native model code cannot run this config: {exc}") from exc
+            logger.warning("native model code cannot run this config (%s); using transformers' modeling code", exc)
+    from paged_backend.models.hf.build import build_transformers_model
+
+    return build_transformers_model(source, spec.dtype, device, args.load_format, args.seed)
+
+
+def _build_native(source, spec: ShardSpec, device: torch.device, tp: TPGroup) -> torch.nn.Module:
     cls = get_model_class(source.hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(spec.dtype)
@@ -58,18 +76,24 @@ def build_model(source, spec: ShardSpec, device: torch.device, tp: TPGroup = SIN
 
 def kv_spec_of(model, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
     """The cache geometry of this rank's attention layers (its own KV heads)."""
+    shape_info = getattr(model, "kv_cache_shape_info", None)  # the transformers wrapper knows it from its layers
+    if shape_info is not None:
+        return KVCacheSpec(*shape_info(), block_size, dtype)
     layers = model.attention_layers()
     return KVCacheSpec(len(layers), layers[0].num_kv_heads, layers[0].head_dim, block_size, dtype)
 
 
 def build_shard(
-    spec: ShardSpec, source=None, tp: TPGroup = SINGLE, control=None, device: torch.device | None = None
+    spec: ShardSpec, source=None, tp: TPGroup = SINGLE, control=None, device: torch.device | None = None,
+    model: torch.nn.Module | None = None,
 ) -> tuple[ModelRunner, int]:
-    """(runner with its KV cache bound, number of KV blocks, the same on every rank)."""
+    """(runner with its KV cache bound, number of KV blocks, the same on every rank). `model`: an
+    already-built one (a wrapped transformers model object) instead of loading `spec.args.model`."""
     args = spec.args
     device = device or torch.device(spec.device_type)
-    source = source or resolve_model(args.model, load_format=args.load_format)
-    model = build_model(source, spec, device, tp)
+    if model is None:
+        source = source or resolve_model(args.model, load_format=args.load_format)
+        model = build_model(source, spec, device, tp)
     runner = ModelRunner(model, device, args.block_size, tp)
     cache = kv_spec_of(model, args.block_size, spec.dtype)
 
@@ -89,5 +113,12 @@ def build_shard(
     check_fits(cache, num_blocks, spec.max_model_len, where)
     runner.bind_kv_caches(cache.allocate(num_blocks, device))
     if device.type == "cuda" and not args.enforce_eager:
-        runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), spec.max_model_len)
+        try:
+            runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), spec.max_model_len)
+        except Exception as exc:
+            if not hasattr(model, "kv_cache_shape_info"):
+                raise  # native models are always capturable: a failure there is a bug
+            runner.graphs = None  # e.g. MoE routing in transformers' code syncs with the host
+            logger.warning("decode steps run without CUDA graphs: capturing transformers' modeling code failed (%s)",
+                           exc)
     return runner, num_blocks

@@ -35,6 +35,7 @@ import torch.distributed
 from paged_backend.errors import EngineDeadError
 from paged_backend.layers.parallel import TPGroup, even_slices, qkv_slices
 from paged_backend.models.blocks import head_dim_of, num_kv_heads_of
+from paged_backend.models.registry import resolve_impl, supported_architectures
 from paged_backend.runtime import worker
 from paged_backend.runtime.distributed import (
     NCCL_ENV,
@@ -55,9 +56,14 @@ _POLL_S = 0.2
 _START_TIMEOUT_S = 600
 
 
-def validate_tensor_parallel(hf_config, tp_size: int, device_type: str) -> None:
+def validate_tensor_parallel(hf_config, tp_size: int, device_type: str, model_impl: str = "auto") -> None:
     """ValueError before any process starts if the model cannot be cut tp_size ways here."""
     backend_for(device_type)
+    if resolve_impl(hf_config, model_impl) != "native":
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} runs the native model code only (natively: "
+            f"{', '.join(supported_architectures())}); this model would run through transformers' modeling code"
+        )
     for rank in range(tp_size):  # every rank's cut must exist (heads, KV replication, MLP)
         group = TPGroup(rank, tp_size)
         qkv_slices(group, hf_config.num_attention_heads, num_kv_heads_of(hf_config), head_dim_of(hf_config))
