@@ -122,6 +122,8 @@ def test_bad_tensor_parallel_size_fails_before_any_process(tiny_model_dir):
         LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="num_attention_heads"):  # 8 ranks for 4 heads
         LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=8)
+    with pytest.raises(ValueError, match="native model code only"):  # transformers' modeling code is not sharded
+        LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=2, model_impl="transformers")
     assert _children() == before
 
 
