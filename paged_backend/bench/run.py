@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from paged_backend.bench import peers as peers_mod
+from paged_backend.bench import serve as serve_mod
 from paged_backend.bench.plot import write_plot
 from paged_backend.bench.roofline import ModelCost, Rates, floor_seconds, measure_rates
+from paged_backend.bench.step_probe import describe, probe_steps, with_floors
 from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
 
 
@@ -47,8 +49,10 @@ def _engine(a, model_dir: str, model_impl: str = "auto"):
               max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
+    print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
     t0 = time.perf_counter()
     llm = LLM(model_dir, **kw)
+    print(f"[bench] our engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     return llm, time.perf_counter() - t0
 
 
@@ -90,14 +94,18 @@ def _dataset(a, llm) -> list[Request]:
 def throughput(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        results = []
+        results, probe = [], None
         for impl in a.model_impl:  # several: each runs in turn, the first is the one peers are compared with
             llm, startup_s = _engine(a, model, impl)
             device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
             requests = _dataset(a, llm)
             _warm_up(llm, requests)
+            print(f"[bench] paged-backend [{impl}]: {len(requests)} requests", flush=True)
             seconds, run_timeline, outs = _drive(llm, requests)
             stats = llm.stats()
+            print(f"[bench] paged-backend [{impl}]: {seconds:.2f} s", flush=True)
+            if not results and a.probe_batch:  # the step diagnostics of the first run's engine
+                probe = probe_steps(llm, min(a.probe_batch, a.max_num_seqs), a.probe_prompt_len)
             llm.shutdown()
             del llm
             out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -115,6 +123,7 @@ def throughput(a) -> dict:
                 results.append(hf_device_map(Path(model), peer_requests, dtype, a.tensor_parallel_size))
             else:
                 results.append(peers_mod.run_peer(name, Path(model), peer_requests, dtype, device.type))
+    print("[bench] measuring copy bandwidth and matmul rate", flush=True)
     rates = measure_rates(device, dtype)
     tp = a.tensor_parallel_size
     cost = ModelCost.of(config, torch.finfo(dtype).bits // 8)
@@ -132,7 +141,9 @@ def throughput(a) -> dict:
         ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
-                  input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
+                  input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline,
+                  step_probe=probe and with_floors(probe, cost, rates))
+    report["step_probe_lines"] = describe(report["step_probe"]) if probe else []
     _print_throughput(report)
     _write(a, report, timeline, f"{a.model}, {len(requests)} requests, {where}")
     return report
@@ -157,6 +168,11 @@ def _print_throughput(rep: dict) -> None:
         print(f"tensor parallel over {rep['floor']['num_gpus']} GPUs (roofline: {rep['floor']['num_gpus']}x one GPU's "
               f"measured rates): {ar['per_step_per_layer']} all-reduces per layer per step, a decode step of "
               f"{ar['decode_batch']} sequences all-reduces {ar['decode_step_bytes'] / 2**20:.1f} MiB per GPU")
+    for r in rep["results"]:
+        if "compile_s" in r:
+            print(f"{r['peer']}: warm-up {r['warmup_s']:.1f} s before timing, of which compilation ~{r['compile_s']:.1f} s")
+    if rep["step_probe"]:
+        print("\n".join(rep["step_probe_lines"]))
 
 
 def _all_reduce_bytes(config, dtype_bytes: int, tp: int, batch: int) -> dict:
@@ -171,11 +187,17 @@ def latency(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
         llm, startup_s = _engine(a, model, a.model_impl[0])
-        batch = random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
-        _warm_up(llm, batch)
+
+        def batch(i: int) -> list[Request]:  # fresh prompts each run: no run reuses another's cached prefix
+            return random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed + i)
+
+        # one untimed run of a batch of the timed runs' shape: any compile or allocation it triggers
+        # happens before timing
+        print(f"[bench] warm-up: batch {a.batch_size}", flush=True)
+        _drive(llm, batch(a.num_iters))
         runs = []
-        for _ in range(a.num_iters):
-            seconds, _, outs = _drive(llm, batch)
+        for i in range(a.num_iters):
+            seconds, _, outs = _drive(llm, batch(i))
             ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
             itl = [x for o in outs for x in o.metrics.inter_token_latencies]
             runs.append(dict(seconds=seconds, ttft=statistics.median(ttft), itl=statistics.mean(itl) if itl else 0.0))
@@ -226,11 +248,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
     t.add_argument("--peer-num-prompts", type=int, default=None,
                    help="run the peers on the first N requests only (ratios compare output tok/s)")
+    t.add_argument("--probe-batch", type=int, default=256,
+                   help="after the run: decode step wall vs GPU time and prefill vs its floor at this batch (0: skip)")
+    t.add_argument("--probe-prompt-len", type=int, default=512)
     t.set_defaults(bench_func=throughput)
     lat.add_argument("--batch-size", type=int, default=8)
     lat.add_argument("--input-len", type=_range, default=(512, 512))
     lat.add_argument("--num-iters", type=int, default=5)
     lat.set_defaults(bench_func=latency)
+    serve_mod.add_parser(sub)
 
 
 def check_peers(a) -> None:
