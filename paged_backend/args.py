@@ -30,6 +30,9 @@ class EngineArgs(BaseModel):
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     seed: int = 0
     enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps (CUDA only)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs (CPU: gloo processes) one model is split across; one process per rank"
+    )
 
     @field_validator("model")
     @classmethod

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence, U
 from paged_backend.args import EngineArgs
 from paged_backend.engine.engine import Engine, StepFailed
 from paged_backend.engine.stats import EngineStats
+from paged_backend.errors import EngineDeadError
 from paged_backend.llm import ParamsArg, Prompt, per_prompt_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
@@ -39,10 +40,6 @@ _Job = Callable[[], tuple[Optional[str], list[int]]]  # makes one prompt's (text
 
 _ADMISSION_GAP_S = 0.002
 _ADMISSION_WINDOW_MAX_S = 0.02
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed while running a batch; the requests in it were aborted."""
 
 
 @dataclass

@@ -5,6 +5,7 @@
     paged-backend bench throughput --model llama-3.2-1b --peers hf-generate,hf-generate-batch
     paged-backend bench latency --model llama-3.2-1b --batch-size 8
     paged-backend serve --model smollm2-135m-instruct --port 3000   # OpenAI-compatible, via BentoML
+    paged-backend worker        # a tensor-parallel rank > 0 (MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
                    help="native model code, or transformers' modeling code with paged attention (auto: native if any)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model across")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def _make_llm(a):
     return LLM(
         a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-        max_num_seqs=a.max_num_seqs, model_impl=a.model_impl,
+        max_num_seqs=a.max_num_seqs, model_impl=a.model_impl, tensor_parallel_size=a.tensor_parallel_size,
     )
 
 
@@ -122,7 +124,7 @@ def cmd_serve(a) -> int:
                 served_model_name=a.served_model_name, allowed_origins=a.allowed_origins,
                 max_request_bytes=a.max_request_bytes, max_prompts_per_request=a.max_prompts_per_request,
                 max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout,
-                model_impl=a.model_impl)
+                model_impl=a.model_impl, tensor_parallel_size=a.tensor_parallel_size)
     for k, v in args.items():
         if v is not None:
             cmd += ["--arg", f"{k}={v}"]
@@ -132,6 +134,13 @@ def cmd_serve(a) -> int:
         print(f"warning: serving on {a.host} without an API key: anyone who can reach it can use it "
               "(--api-key or PAGED_BACKEND_API_KEY)", file=sys.stderr)
     os.execv(sys.executable, cmd)  # bentoml takes over this process: signals reach it directly
+
+
+def _is_worker_rank() -> bool:
+    from paged_backend.runtime.distributed import Rendezvous
+
+    rdv = Rendezvous.from_environment()
+    return rdv is not None and rdv.world_size > 1 and rdv.rank != 0
 
 
 def main(argv=None) -> int:
@@ -176,7 +185,22 @@ def main(argv=None) -> int:
                    help="seconds after which a request is aborted (default: none)")
     s.set_defaults(func=cmd_serve)
 
-    a = parser.parse_args(argv)
+    w = sub.add_parser("worker", help="a tensor-parallel rank > 0; rank 0 (the engine) sends it everything else",
+                       add_help=False)
+    w.set_defaults(func=None)
+
+    a, rest = parser.parse_known_args(argv)
+    if a.func is None or _is_worker_rank():
+        # `paged-backend worker`, or any command under torchrun on a rank other than 0: rank 0 runs
+        # the command, the other ranks serve its steps.
+        from paged_backend.runtime.worker import main as worker_main
+
+        if a.func is None:
+            return worker_main(rest)
+        device = getattr(a, "device", "auto")
+        return worker_main([] if device == "auto" else ["--device", device])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return a.func(a)

@@ -50,6 +50,7 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
         model_impl: str = "auto",
     ):
         self.args = EngineArgs(
@@ -58,6 +59,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             load_format=load_format, seed=seed, enforce_eager=enforce_eager, model_impl=model_impl,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self._engine: Optional[Engine] = Engine(self.args)
         self._prepare: Optional[PromptPreparer] = PromptPreparer(self._engine)

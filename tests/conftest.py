@@ -62,11 +62,13 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
-def save_tiny_model(kind: str, path: Path, tokenizer, max_shard_size=None) -> Path:
+def save_tiny_model(kind: str, path: Path, tokenizer, max_shard_size=None, **config_overrides) -> Path:
     import transformers
 
     torch.manual_seed(0)
     cfg = tiny_config(kind)
+    for key, value in config_overrides.items():
+        setattr(cfg, key, value)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Spread the random weights a bit so that the argmax is not a near-tie everywhere.
     with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 from paged_backend.bench import peers as peers_mod
 from paged_backend.bench import serve as serve_mod
 from paged_backend.bench.plot import write_plot
-from paged_backend.bench.roofline import ModelCost, floor_seconds, measure_rates
+from paged_backend.bench.roofline import ModelCost, Rates, floor_seconds, measure_rates
 from paged_backend.bench.structured import BENCH_SCHEMA, use_byte_level_tokenizer
 from paged_backend.bench.step_probe import describe, probe_steps, with_floors
 from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
@@ -47,7 +47,7 @@ def _engine(a, model_dir: str, model_impl: str = "auto"):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs, model_impl=model_impl)
+              max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
@@ -125,19 +125,30 @@ def throughput(a) -> dict:
                                 output_tokens=out_tokens, startup_s=startup_s, steps=stats.num_steps,
                                 preemptions=stats.num_preemptions, requests=len(requests)))
         ours = results[0]
+        peer_requests = requests[: a.peer_num_prompts] if a.peer_num_prompts else requests
         for name in a.peers:
-            results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
+            if name == "hf-device-map":  # the model over tp GPUs, one layer range per GPU
+                from paged_backend.bench.peer_device_map import hf_device_map
+
+                results.append(hf_device_map(Path(model), peer_requests, dtype, a.tensor_parallel_size))
+            else:
+                results.append(peers_mod.run_peer(name, Path(model), peer_requests, dtype, device.type))
     print("[bench] measuring copy bandwidth and matmul rate", flush=True)
     rates = measure_rates(device, dtype)
+    tp = a.tensor_parallel_size
     cost = ModelCost.of(config, torch.finfo(dtype).bits // 8)
-    floor = floor_seconds(cost, [len(r.prompt) for r in requests], [r.output_len for r in requests], rates)
+    # tp GPUs: each reads 1/tp of the weights and KV and does 1/tp of the FLOPs (rates measured on one).
+    floor = floor_seconds(cost, [len(r.prompt) for r in requests], [r.output_len for r in requests],
+                          Rates(rates.copy_bytes_per_s * tp, rates.matmul_flops_per_s * tp))
+    floor.update(num_gpus=tp, all_reduce=_all_reduce_bytes(config, torch.finfo(dtype).bits // 8, tp, a.max_num_seqs))
     in_tokens = sum(len(r.prompt) for r in requests)
     for r in results:
         r.update(requests_per_s=r["requests"] / r["seconds"], output_tok_per_s=r["output_tokens"] / r["seconds"],
                  total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
-                 roofline_fraction=floor["total_s"] / r["seconds"])
-    for r in results[1:]:
-        ours[f"vs_{r.get('peer', r['name'])}"] = r["seconds"] / ours["seconds"]
+                 # the floor is that of all requests: a peer on fewer (--peer-num-prompts) has none
+                 roofline_fraction=floor["total_s"] / r["seconds"] if r["requests"] == len(requests) else None)
+    for r in results[1:]:  # by output rate: a peer may have run fewer requests (--peer-num-prompts)
+        ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline,
@@ -170,15 +181,29 @@ def _print_throughput(rep: dict) -> None:
     ours = rep["results"][0]
     print(f"{'engine':72s} {'seconds':>8s} {'req/s':>7s} {'tok/s':>9s} {'out tok/s':>10s} {'ours vs':>8s} {'roofline':>9s}")
     for r in rep["results"]:
-        ratio = "-" if r is ours else f"{r['seconds'] / ours['seconds']:.2f}x"
+        ratio = "-" if r is ours else f"{ours['output_tok_per_s'] / r['output_tok_per_s']:.2f}x"
         print(f"{r['name'][:72]:72s} {r['seconds']:8.2f} {r['requests_per_s']:7.2f} {r['total_tok_per_s']:9.0f} "
-              f"{r['output_tok_per_s']:10.0f} {ratio:>8s} {r['roofline_fraction']:9.1%}")
+              f"{r['output_tok_per_s']:10.0f} {ratio:>8s} "
+              f"{'-' if r['roofline_fraction'] is None else format(r['roofline_fraction'], '.1%'):>9s}")
     print(f"start-up of our engine (load, KV sizing, CUDA graphs): {ours['startup_s']:.1f} s")
+    ar = rep["floor"].get("all_reduce")
+    if rep["floor"].get("num_gpus", 1) > 1 and ar:
+        print(f"tensor parallel over {rep['floor']['num_gpus']} GPUs (roofline: {rep['floor']['num_gpus']}x one GPU's "
+              f"measured rates): {ar['per_step_per_layer']} all-reduces per layer per step, a decode step of "
+              f"{ar['decode_batch']} sequences all-reduces {ar['decode_step_bytes'] / 2**20:.1f} MiB per GPU")
     for r in rep["results"]:
         if "compile_s" in r:
             print(f"{r['peer']}: warm-up {r['warmup_s']:.1f} s before timing, of which compilation ~{r['compile_s']:.1f} s")
     if rep["step_probe"]:
         print("\n".join(rep["step_probe_lines"]))
+
+
+def _all_reduce_bytes(config, dtype_bytes: int, tp: int, batch: int) -> dict:
+    """Megatron cut: after o_proj and after down_proj in every layer, plus the vocab-parallel
+    embedding; each all-reduces [tokens, hidden]. Zero with one GPU."""
+    per_token = (2 * config.num_hidden_layers + 1) * config.hidden_size * dtype_bytes if tp > 1 else 0
+    return dict(per_step_per_layer=2 if tp > 1 else 0, bytes_per_token=per_token, decode_batch=batch,
+                decode_step_bytes=per_token * batch)
 
 
 def latency(a) -> dict:
@@ -236,6 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],
                        help="auto | native | transformers; comma-separated runs each in turn (throughput)")
+        q.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
         q.add_argument("--json", default=None, help="write the results here")
     t.add_argument("--num-prompts", type=int, default=256)
     t.add_argument("--input-len", type=_range, default=(100, 1024), help="N or MIN:MAX (random token ids)")
@@ -245,6 +271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
     t.add_argument("--structured", choices=["json"], default=None,
                    help="also run every request constrained to one JSON schema; compare in the same run")
+    t.add_argument("--peer-num-prompts", type=int, default=None,
+                   help="run the peers on the first N requests only (ratios compare output tok/s)")
     t.add_argument("--probe-batch", type=int, default=256,
                    help="after the run: decode step wall vs GPU time and prefill vs its floor at this batch (0: skip)")
     t.add_argument("--probe-prompt-len", type=int, default=512)
@@ -258,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_peers(a) -> None:
     peers = getattr(a, "peers", [])
-    bad = [x for x in peers if x not in peers_mod.PEERS]
+    bad = [x for x in peers if x not in peers_mod.PEERS and x != "hf-device-map"]
     if bad:
         raise ValueError(f"unknown peer(s) {bad}: choose from {list(peers_mod.PEERS)}")
     if peers and a.model not in SHAPES:  # checked before our engine runs, not after

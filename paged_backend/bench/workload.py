@@ -24,6 +24,11 @@ SHAPES = {
         num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
         rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
         architectures=["LlamaForCausalLM"])),
+    "llama-3-70b": ("LlamaConfig", dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
+        architectures=["LlamaForCausalLM"])),
     "gemma-7b": ("GemmaConfig", dict(
         hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=16, head_dim=256, vocab_size=256000, max_position_embeddings=8192,

@@ -20,6 +20,7 @@ from paged_backend.engine.sequence import PendingToken, Request, Sequence
 from paged_backend.runtime.setup import EngineSetup, build_engine_parts
 from paged_backend.engine.stats import EngineStats
 from paged_backend.engine.step_builder import build_step_input, with_sampling
+from paged_backend.errors import EngineDeadError
 from paged_backend.outputs import CompletionOutput, RequestOutput
 from paged_backend.params import SamplingParams, coerce_params
 from paged_backend.runtime.sampling_row import SamplingRow
@@ -201,6 +202,10 @@ class Engine:
         """fn(*args); if it raises, abort request_ids (freeing their blocks) and note the failure."""
         try:
             return fn(*args)
+        except EngineDeadError:  # not this step's fault: nothing can run any more, every request ends
+            for rid in list(self.requests):
+                self.abort_request(rid)
+            raise
         except Exception as e:
             logger.exception("engine step failed for request(s) %s", request_ids)
             for rid in request_ids:

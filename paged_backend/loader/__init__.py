@@ -12,6 +12,7 @@ from .dummy import init_dummy_weights
 from .errors import CorruptWeightsError, MissingModelPackageError, ModelLoadError, ModelNotFoundError
 from .reference_model import transformers_reference_model
 from .resolve import resolve_model
+from .shards import iter_weight_slices
 from .source import LOAD_FORMATS, ModelSource, cache_root
 from .tokenizer import load_tokenizer
 from .weights import iter_weights
@@ -26,6 +27,7 @@ __all__ = [
     "ModelSource",
     "cache_root",
     "init_dummy_weights",
+    "iter_weight_slices",
     "iter_weights",
     "load_tokenizer",
     "resolve_model",

@@ -80,8 +80,6 @@ def iter_gguf_weights(
     gf: GGUFFile, config: transformers.PretrainedConfig, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     arch = gf.architecture
-    is_llama = arch in ("llama", "mistral")
-    is_gemma = arch in ("gemma", "gemma2", "gemma3")
     unknown = [n for n in gf.tensors if n not in _SKIPPED and hf_name(n, arch) is None]
     if unknown:
         raise CorruptWeightsError(
@@ -89,13 +87,7 @@ def iter_gguf_weights(
         )
 
     def convert(name: str) -> torch.Tensor:
-        t = dequantize(gf, name)
-        if is_llama and (".attn_q." in name or ".attn_k." in name):
-            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-            t = unpermute_qk(t, heads)
-        if is_gemma and name.endswith("norm.weight"):
-            t = t - 1.0
-        return t.to(dtype).contiguous()
+        return convert_tensor(gf, config, name, dtype)
 
     names = [n for n in gf.tensors if hf_name(n, arch) is not None]
     # numpy dequantization releases the GIL: keep a couple of tensors in flight while the caller
@@ -115,10 +107,31 @@ def iter_gguf_weights(
 _LOOKAHEAD = 2
 
 
-def dequantize(gf: GGUFFile, name: str) -> torch.Tensor:
-    """A float32 CPU tensor in numpy shape order (outermost dimension first)."""
+def convert_tensor(
+    gf: GGUFFile, config: transformers.PretrainedConfig, name: str, dtype: torch.dtype, rows: slice | None = None
+) -> torch.Tensor:
+    """One GGUF tensor in HF layout and dtype; `rows` (of a 2-D tensor, head-aligned for Q/K)
+    dequantizes only those rows: quantization blocks never cross a row."""
+    arch = gf.architecture
+    t = dequantize(gf, name, rows)
+    if arch in ("llama", "mistral") and (".attn_q." in name or ".attn_k." in name):
+        heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+        head_rows = gf.tensors[name].shape[0] // heads
+        t = unpermute_qk(t, t.shape[0] // head_rows)
+    if arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):
+        t = t - 1.0
+    return t.to(dtype).contiguous()
+
+
+def dequantize(gf: GGUFFile, name: str, rows: slice | None = None) -> torch.Tensor:
+    """A float32 CPU tensor in numpy shape order (outermost dimension first); only `rows` if given."""
     info = gf.tensors[name]
-    values = gguf_dequantize(gf.raw(name), info.qtype)
+    raw = gf.raw(name)
+    shape = info.shape
+    if rows is not None:
+        raw = raw[rows]
+        shape = (raw.shape[0], *info.shape[1:])
+    values = gguf_dequantize(raw, info.qtype)
     if not values.flags.writeable or not values.flags.c_contiguous:
         values = np.array(values, dtype=np.float32)  # F32 comes back as a view of the read-only map
-    return torch.from_numpy(values).reshape(info.shape)
+    return torch.from_numpy(values).reshape(shape)

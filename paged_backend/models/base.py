@@ -9,6 +9,7 @@ from torch import nn
 
 from paged_backend.layers.attention import Attention
 from paged_backend.layers.linear import MergedLinear
+from paged_backend.layers.parallel import materialize
 
 # HF projection name -> (our fused module, shard): q/k/v and gate/up are stacked at load time.
 _STACKED = {
@@ -35,9 +36,10 @@ class CausalLM(nn.Module):
     def rename_checkpoint_tensor(self, name: str) -> str | None:
         return name
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32 (under tensor parallelism: on rank 0,
+        gathered from every rank's vocab range; None on the other ranks)."""
+        return self.lm_head.gather(self.lm_head(hidden).float())
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layer of each decoder layer, in layer order (the runner binds kv_cache)."""
@@ -55,7 +57,8 @@ class CausalLM(nn.Module):
         """Copy HF-named checkpoint tensors (as `save_pretrained` writes them) into this model.
 
         q/k/v and gate/up are fused while loading; rotary buffers are ignored; lm_head is tied to the
-        embeddings when the config says so or the checkpoint has none. Raises ValueError naming every
+        embeddings when the config says so or the checkpoint has none. Tensors may be lazy file
+        slices (`.shape`, `.narrow`): tensor-parallel layers read only this rank's part of them. Raises ValueError naming every
         missing and unexpected tensor. Returns the names of this model's parameters that were filled.
         """
         params = dict(self.named_parameters())
@@ -91,6 +94,8 @@ class CausalLM(nn.Module):
                     continue
             if name in params:
                 param = params[name]
+                shard_of = getattr(self.get_submodule(module_path), "shard_of", None)
+                tensor = shard_of(pname, tensor) if shard_of is not None else materialize(tensor)
                 if param.shape != tensor.shape:
                     raise ValueError(
                         f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "

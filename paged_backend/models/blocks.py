@@ -9,7 +9,14 @@ from torch import nn
 
 from paged_backend.layers.activations import gated_activation
 from paged_backend.layers.attention import Attention, AttentionMetadata
-from paged_backend.layers.linear import MergedLinear
+from paged_backend.layers.parallel import (
+    SINGLE,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    even_slices,
+    qkv_slices,
+)
 from paged_backend.layers.rotary import RotaryEmbedding
 
 
@@ -33,7 +40,9 @@ def layer_types_of(config) -> list[str]:
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection, optional per-head q/k norm, rotary, paged attention, output projection."""
+    """Fused QKV projection, optional per-head q/k norm, rotary, paged attention, output projection.
+    Under tensor parallelism this rank holds its query heads and their KV heads (column-parallel
+    QKV) and o_proj's matching input columns (row-parallel, one all-reduce)."""
 
     def __init__(
         self,
@@ -45,15 +54,16 @@ class SelfAttention(nn.Module):
         qk_norm: Callable[[int, float], nn.Module] | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        tp: TPGroup = SINGLE,
     ):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = num_kv_heads_of(config)
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(hidden, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=o_bias)
+        slices = qkv_slices(tp, config.num_attention_heads, num_kv_heads_of(config), self.head_dim)
+        self.num_heads = slices["q"][1] // self.head_dim  # this rank's heads
+        self.num_kv_heads = slices["k"][1] // self.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(hidden, slices, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, hidden, bias=o_bias, tp=tp)
         if qk_norm is not None:
             self.q_norm = qk_norm(self.head_dim, config.rms_norm_eps)
             self.k_norm = qk_norm(self.head_dim, config.rms_norm_eps)
@@ -78,12 +88,16 @@ class SelfAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul (column-parallel under
+    tensor parallelism; down_proj row-parallel)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False, tp: TPGroup = SINGLE
+    ):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        slices = even_slices(tp, {"gate": intermediate_size, "up": intermediate_size}, "intermediate_size")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, slices, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
         self.act_fn = gated_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

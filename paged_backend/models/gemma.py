@@ -16,6 +16,7 @@ from torch import nn
 
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.norms import GemmaRMSNorm
+from paged_backend.layers.parallel import SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding
 from paged_backend.layers.rotary import RotaryEmbedding
 from paged_backend.models.base import CausalLM, sliding_window_for
 from paged_backend.models.blocks import GatedMLP, SelfAttention, head_dim_of, layer_types_of
@@ -33,7 +34,7 @@ def _generation(config) -> int:
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_type: str):
+    def __init__(self, config, layer_type: str, tp: TPGroup = SINGLE):
         super().__init__()
         gen = _generation(config)
         pre_attn_scalar = getattr(config, "query_pre_attn_scalar", None) if gen >= 2 else None
@@ -46,8 +47,9 @@ class GemmaDecoderLayer(nn.Module):
             qk_norm=GemmaRMSNorm if gen >= 3 else None,
             sliding_window=sliding_window_for(config, layer_type),
             softcap=getattr(config, "attn_logit_softcapping", None),
+            tp=tp,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, _activation(config))
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, _activation(config), tp=tp)
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
@@ -72,12 +74,12 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TPGroup = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.embed_scale = config.hidden_size**0.5
         layer_types = layer_types_of(config)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, t) for t in layer_types)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, t, tp) for t in layer_types)
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         # One rotary per layer type: Gemma 3's local and global layers use different bases/scaling.
         self.rotary_emb = nn.ModuleDict(
@@ -101,11 +103,11 @@ class GemmaModel(nn.Module):
 class GemmaForCausalLM(CausalLM):
     """Gemma 1/2/3 (text); config.model_type ("gemma", "gemma2", "gemma3_text") selects the variations."""
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = GemmaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if getattr(config, "tie_word_embeddings", True):
             self.tie_embeddings()
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
@@ -114,12 +116,12 @@ class GemmaForCausalLM(CausalLM):
         """input_ids/positions [T] (one varlen batch) -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden).float()
         cap = self.final_logit_softcapping
-        if cap:  # Gemma 2: cap * tanh(logits / cap), in fp32
+        if cap:  # Gemma 2: cap * tanh(logits / cap), in fp32 (elementwise: each rank caps its vocab range)
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.lm_head.gather(logits)
 
 
 Gemma2ForCausalLM = GemmaForCausalLM

@@ -8,6 +8,7 @@ from torch import nn
 
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.norms import RMSNorm
+from paged_backend.layers.parallel import SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding
 from paged_backend.layers.rotary import RotaryEmbedding
 from paged_backend.models.base import CausalLM, sliding_window_for
 from paged_backend.models.blocks import GatedMLP, SelfAttention, head_dim_of, layer_types_of
@@ -23,7 +24,7 @@ def _biases(config) -> tuple[bool, bool]:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_type: str):
+    def __init__(self, config, layer_type: str, tp: TPGroup = SINGLE):
         super().__init__()
         qkv_bias, o_bias = _biases(config)
         self.self_attn = SelfAttention(
@@ -33,12 +34,14 @@ class LlamaDecoderLayer(nn.Module):
             o_bias=o_bias,
             qk_norm=RMSNorm if config.model_type == "qwen3" else None,
             sliding_window=sliding_window_for(config, layer_type),
+            tp=tp,
         )
         self.mlp = GatedMLP(
             config.hidden_size,
             config.intermediate_size,
             config.hidden_act,
             bias=bool(getattr(config, "mlp_bias", False)),
+            tp=tp,
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -56,10 +59,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TPGroup = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, t) for t in layer_types_of(config))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, t, tp) for t in layer_types_of(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding.from_config(config, head_dim_of(config))
 
@@ -75,11 +78,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Llama / Mistral / Qwen2 / Qwen3 / SmolLM2; the config's model_type selects the variations."""
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.tie_embeddings()
 

@@ -66,7 +66,9 @@ class DecodeGraphs:
             self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up (Triton compiles here)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            # thread_local: under tensor parallelism NCCL's watchdog thread polls its events while
+            # this thread captures the all-reduces; only this thread's calls may break the capture.
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)
             pool = g.pool()
             self.graphs[bs] = g

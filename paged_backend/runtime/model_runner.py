@@ -13,6 +13,7 @@ from torch import nn
 
 from paged_backend import kernels
 from paged_backend.layers.attention import AttentionMetadata
+from paged_backend.layers.parallel import SINGLE, TPGroup
 from paged_backend.runtime.cuda_graphs import DecodeGraphs
 from paged_backend.runtime.sampler import SampledTokens, Sampler
 from paged_backend.runtime.step_input import StepInput
@@ -20,8 +21,9 @@ from paged_backend.runtime.transfer import int32_arrays_to_device, to_device
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, block_size: int):
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, tp: TPGroup = SINGLE):
         self.model = model
+        self.tp = tp  # under tensor parallelism: this rank's shard; only rank 0 samples
         self.device = device
         self.block_size = block_size
         self.kv_caches: list[torch.Tensor] = []
@@ -59,7 +61,7 @@ class ModelRunner:
         )
         ids, positions, slots = ids.long(), positions.long(), slots.long()
         if pending_dst.numel():
-            ids[pending_dst.long()] = self._last_sampled[pending_src.long()]
+            ids[pending_dst.long()] = self._previous_tokens(step)[pending_src.long()]
         if self.graphs is not None and step.max_query_len == 1 and step.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(ids, positions, slots, tables, seq_lens)
         else:
@@ -72,10 +74,12 @@ class ModelRunner:
                 max_seq_len=step.max_seq_len,
             )
             hidden = self.model(ids, positions, meta)
-        if not step.sampling_rows:
+        if not step.logit_rows.size:  # rank 0 then has no sampling rows; the workers never get any
             self._last_sampled = None
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, logit_rows)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
+        if logits is None:  # a tensor-parallel worker: its vocab range went to rank 0, which samples
+            return None
         if step.sample_from is not None:  # forked siblings sample from their parent's row
             logits = logits.index_select(0, to_device(step.sample_from, torch.int64, self.device))
         # grammar_mask() -> (bitmask, rows) or None: structured-output masks, asked for only now so
@@ -83,6 +87,18 @@ class ModelRunner:
         sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask and grammar_mask())
         self._last_sampled = sampled.token_ids
         return sampled
+
+    def _previous_tokens(self, step: StepInput) -> torch.Tensor:
+        """The previous step's sampled ids on the device. Rank 0 sampled them; under tensor
+        parallelism it broadcasts the rows this step reads (on the device: no host wait)."""
+        if self.tp.size == 1:
+            return self._last_sampled
+        n = int(step.pending_src.max()) + 1
+        if self.tp.rank == 0:
+            rows = self._last_sampled[:n].to(torch.int64)
+        else:
+            rows = torch.empty(n, dtype=torch.int64, device=self.device)
+        return self.tp.broadcast(rows)
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, spec) -> None:

@@ -9,17 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from paged_backend.args import EngineArgs
-from paged_backend.loader import ModelLoadError, init_dummy_weights, iter_weights, load_tokenizer, resolve_model
+from paged_backend.loader import load_tokenizer, resolve_model
 from paged_backend.loader.tokenizer import dir_tokenizer
-from paged_backend.models.registry import get_model_class, kv_cache_shape_info, resolve_impl
-from paged_backend.runtime.kv_cache import (
-    DEFAULT_CPU_KV_CACHE_BYTES,
-    KVCacheSpec,
-    check_fits,
-    cuda_kv_budget,
-    num_blocks_for_bytes,
-)
 from paged_backend.runtime.model_runner import ModelRunner
+from paged_backend.runtime.shard import ShardSpec, build_shard
+from paged_backend.runtime.tp_executor import TPExecutor, validate_tensor_parallel
 
 logger = logging.getLogger("paged_backend")
 
@@ -37,7 +31,7 @@ class EngineSetup:
     vocab_size: int
     eos_token_ids: set[int]
     num_blocks: int
-    runner: ModelRunner
+    runner: ModelRunner | TPExecutor  # the executor runs every rank's runner; same interface
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,36 +63,6 @@ def eos_ids(source, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def build_model(source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
-                model_impl: str = "auto"):
-    if resolve_impl(hf_config, model_impl) == "native":
-        try:
-            return _build_native(source, hf_config, dtype, device, load_format, seed)
-        except NotImplementedError as exc:  # e.g. a rope scaling type our layers do not have
-            if model_impl == "native":
-                raise ModelLoadError(f"model_impl='native': {exc}") from exc
-            logger.warning("native model code cannot run this config (%s); using transformers' modeling code", exc)
-    from paged_backend.models.hf.build import build_transformers_model
-
-    return build_transformers_model(source, dtype, device, load_format, seed)
-
-
-def _build_native(source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int):
-    cls = get_model_class(hf_config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(hf_config)
-    finally:
-        torch.set_default_dtype(previous)
-    if load_format == "dummy":
-        init_dummy_weights(model, seed=seed)
-    else:
-        model.load_weights((name, t.to(device)) for name, t in iter_weights(source, dtype))
-    return model.eval()
 
 
 def _tokenizer(args: EngineArgs, source):
@@ -173,33 +137,18 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         )
     max_batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
 
-    if model is None:
-        model = build_model(source, cfg, dtype, device, args.load_format, args.seed, args.model_impl)
-    runner = ModelRunner(model, device, args.block_size)
-    shape_info = getattr(model, "kv_cache_shape_info", None)  # the transformers wrapper knows it from its layers
-    num_layers, num_kv_heads, head_dim = shape_info() if shape_info else kv_cache_shape_info(cfg)
-    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, args.block_size, dtype)
-
-    if args.kv_cache_memory is not None:
-        budget, where = args.kv_cache_memory, "kv_cache_memory"
-    elif device.type == "cuda":
-        tokens = min(max_batched, max_model_len)
-        budget = cuda_kv_budget(device, args.gpu_memory_utilization, lambda: runner.profile(tokens, spec))
-        where = "gpu_memory_utilization"
+    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched)
+    if args.tensor_parallel_size > 1:
+        if model is not None:
+            raise ValueError("tensor_parallel_size > 1 needs a model name or path (each rank loads its own shard), "
+                             "not a model object")
+        # Checked before any process starts; then rank 0 (this process) and its workers build
+        # their shards together.
+        validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type, args.model_impl)
+        runner = TPExecutor(spec, args.tensor_parallel_size, source)
+        num_blocks = runner.num_blocks
     else:
-        budget, where = DEFAULT_CPU_KV_CACHE_BYTES, "kv_cache_memory"
-    num_blocks = num_blocks_for_bytes(spec, budget)
-    check_fits(spec, num_blocks, max_model_len, where)
-    runner.bind_kv_caches(spec.allocate(num_blocks, device))
-    if device.type == "cuda" and not args.enforce_eager:
-        try:
-            runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), max_model_len)
-        except Exception as exc:
-            if shape_info is None:
-                raise  # native models are always capturable: a failure there is a bug
-            runner.graphs = None  # e.g. MoE routing in transformers' code syncs with the host
-            logger.warning("decode steps run without CUDA graphs: capturing transformers' modeling code failed (%s)",
-                           exc)
+        runner, num_blocks = build_shard(spec, source, device=device, model=model)
 
     vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
     return EngineSetup(
