@@ -109,7 +109,7 @@ class _SamplingFields(BaseModel):
     top_p: Optional[float] = None
     n: int = Field(1, ge=1, le=128)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's seed is an int64
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)  # as SamplingParams: a non-negative int64
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     stream: bool = False
