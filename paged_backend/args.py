@@ -24,3 +24,13 @@ class EngineArgs(BaseModel):
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     seed: int = 0
     enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps (CUDA only)")
+    quantization: Optional[Literal["fp8"]] = Field(
+        None,
+        description="fp8: linear weights as float8_e4m3fn with per-output-channel scales, activations "
+        "scaled per token (quantized at load; FP8 checkpoints select it by themselves)",
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="fp8: the KV cache as float8_e4m3fn with per-layer K and V scales (the checkpoint's, "
+        "else 1.0); auto: the model's dtype",
+    )

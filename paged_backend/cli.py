@@ -26,6 +26,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: float8_e4m3fn linear weights with per-channel scales (quantized at load)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: float8_e4m3fn KV cache with per-layer K/V scales")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -48,7 +52,7 @@ def _make_llm(a):
     return LLM(
         a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-        max_num_seqs=a.max_num_seqs,
+        max_num_seqs=a.max_num_seqs, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
     )
 
 
@@ -117,6 +121,7 @@ def cmd_serve(a) -> int:
     args = dict(model=a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len,
                 load_format=a.load_format, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
                 served_model_name=a.served_model_name)
     for k, v in args.items():
         if v is not None:

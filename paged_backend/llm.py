@@ -43,6 +43,8 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        quantization: Optional[str] = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
@@ -50,6 +52,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             load_format=load_format, seed=seed, enforce_eager=enforce_eager,
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype,
         )
         self._engine: Optional[Engine] = Engine(self.args)
 

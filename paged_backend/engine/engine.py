@@ -56,6 +56,10 @@ class EngineStats:
     max_seqs_in_step: int  # the largest batch one forward pass has carried
     total_prompt_tokens: int
     total_generated_tokens: int
+    quantization: Optional[str] = None  # "fp8": float8_e4m3fn linear weights
+    kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
+    weight_bytes: int = 0  # model parameters as stored
+    kv_bytes_per_token: int = 0  # K and V of one token, all layers
 
 
 class Engine:
@@ -70,6 +74,12 @@ class Engine:
         self.vocab_size = parts.vocab_size
         self.eos_token_ids = parts.eos_token_ids
         self.runner = parts.runner
+        self._memory_stats = dict(
+            quantization=parts.quantization,
+            kv_cache_dtype=parts.kv_cache_dtype,
+            weight_bytes=parts.weight_bytes,
+            kv_bytes_per_token=parts.kv_bytes_per_token,
+        )
         self.block_manager = BlockManager(parts.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, parts.max_num_batched_tokens)
         self.sampler = Sampler()
@@ -353,6 +363,7 @@ class Engine:
             max_seqs_in_step=self.max_seqs_in_step,
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
+            **self._memory_stats,
         )
 
     def all_sequences(self) -> list[Sequence]:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from paged_backend.args import EngineArgs
+from paged_backend.layers.quant import quantize_linears_fp8, weight_bytes
 from paged_backend.loader import init_dummy_weights, iter_weights, load_tokenizer, resolve_model
+from paged_backend.loader.quantization import KV_SCALE_SUFFIXES
 from paged_backend.models.registry import get_model_class, kv_cache_shape_info
 from paged_backend.runtime.kv_cache import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -37,6 +39,10 @@ class EngineSetup:
     eos_token_ids: set[int]
     num_blocks: int
     runner: ModelRunner
+    quantization: str | None  # "fp8" or None
+    kv_cache_dtype: str  # "bfloat16", "float8_e4m3fn", ...
+    weight_bytes: int  # parameters as stored (fp8 weights one byte each)
+    kv_bytes_per_token: int  # K and V of one token over all layers
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,7 +76,21 @@ def eos_ids(source, tokenizer) -> set[int]:
     return ids
 
 
-def build_model(source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int):
+def _split_kv_scales(weights, scales: dict[tuple[int, str], float]):
+    """Pass model tensors through; keep an FP8 checkpoint's per-layer KV-cache scales
+    (`model.layers.{i}.self_attn.k_scale` / `v_scale`) in `scales` instead."""
+    for name, t in weights:
+        parts = name.split(".")
+        if parts[-1] in KV_SCALE_SUFFIXES and "layers" in parts:
+            scales[(int(parts[parts.index("layers") + 1]), parts[-1])] = float(t.reshape(-1)[0])
+            continue
+        yield name, t
+
+
+def build_model(
+    source, hf_config, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
+    quantization: str | None = None,
+):
     cls = get_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -82,7 +102,16 @@ def build_model(source, hf_config, dtype: torch.dtype, device: torch.device, loa
     if load_format == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
-        model.load_weights((name, t.to(device)) for name, t in iter_weights(source, dtype))
+        kv_scales: dict[tuple[int, str], float] = {}
+        weights = _split_kv_scales(iter_weights(source, dtype), kv_scales)
+        model.load_weights((name, t.to(device)) for name, t in weights)
+        for (layer, which), value in kv_scales.items():
+            setattr(model.attention_layers()[layer], which, value)
+        if kv_scales:
+            logger.info("KV-cache scales from the checkpoint for %d layers", len({k[0] for k in kv_scales}))
+    if quantization == "fp8":
+        n = quantize_linears_fp8(model)
+        logger.info("fp8 weights: %d linear layers quantized to float8_e4m3fn (per-channel scales)", n)
     return model.eval()
 
 
@@ -102,10 +131,15 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         )
     max_batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
 
-    model = build_model(source, cfg, dtype, device, args.load_format, args.seed)
+    quantization = args.quantization
+    if source.quantization == "fp8" and quantization is None:
+        logger.info("%s is an FP8 checkpoint: running it with quantization='fp8'", args.model)
+        quantization = "fp8"
+    model = build_model(source, cfg, dtype, device, args.load_format, args.seed, quantization)
     runner = ModelRunner(model, device, args.block_size)
     num_layers, num_kv_heads, head_dim = kv_cache_shape_info(cfg)
-    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, args.block_size, dtype)
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
+    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, args.block_size, kv_dtype)
 
     if args.kv_cache_memory is not None:
         budget, where = args.kv_cache_memory, "kv_cache_memory"
@@ -133,4 +167,8 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         eos_token_ids=eos_ids(source, tokenizer),
         num_blocks=num_blocks,
         runner=runner,
+        quantization=quantization,
+        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+        weight_bytes=weight_bytes(model),
+        kv_bytes_per_token=spec.bytes_per_block // spec.block_size,
     )
