@@ -17,7 +17,7 @@ import torch
 @dataclass
 class Rates:
     copy_bytes_per_s: float  # bytes read + written by a large device-to-device copy
-    matmul_flops_per_s: float  # a large square matmul in the model's dtype
+    matmul_flops_per_s: float  # a large square matmul in the model's dtype (fp8 _scaled_mm for fp8 weights)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +41,7 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
+def measure_rates(device: torch.device, dtype: torch.dtype, fp8_matmul: bool = False) -> Rates:
     cuda = device.type == "cuda"
     n_bytes = (1 << 30) if cuda else (64 << 20)
     src = torch.rand(n_bytes // 4, device=device)  # random data, never zeros
@@ -51,7 +51,12 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
     mm_dtype = dtype if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
-    mm_s = _median_seconds(lambda: a @ b, device, 10)
+    mm = lambda: a @ b  # noqa: E731
+    if fp8_matmul and cuda:  # what fp8 linears run: rowwise-scaled float8_e4m3fn GEMM, bf16 out
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+        mm = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    mm_s = _median_seconds(mm, device, 10)
     del src, dst, a, b
     return Rates(copy_bytes_per_s=2 * n_bytes / copy_s, matmul_flops_per_s=2 * n**3 / mm_s)
 
@@ -65,7 +70,10 @@ class ModelCost:
     attn_flops_per_pair: int  # per (query token, context token) pair, all layers: QK^T and PV
 
     @classmethod
-    def of(cls, config, dtype_bytes: int) -> "ModelCost":
+    def of(cls, config, dtype_bytes: int, weight_bytes: int | None = None,
+           kv_bytes_per_token: int | None = None) -> "ModelCost":
+        """From the config's shapes at dtype_bytes per element, unless the engine reports the bytes it
+        actually stores (fp8 weights / KV cache)."""
         h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
         hq = config.num_attention_heads
         hkv = getattr(config, "num_key_value_heads", None) or hq
@@ -75,10 +83,10 @@ class ModelCost:
         tied = getattr(config, "tie_word_embeddings", False)
         total = layers * per_layer + lm_head * (1 if tied else 2)
         return cls(
-            weight_bytes=total * dtype_bytes,
+            weight_bytes=weight_bytes or total * dtype_bytes,
             matmul_params=layers * per_layer,
             lm_head_params=lm_head,
-            kv_bytes_per_token=layers * 2 * hkv * d * dtype_bytes,
+            kv_bytes_per_token=kv_bytes_per_token or layers * 2 * hkv * d * dtype_bytes,
             attn_flops_per_pair=layers * 4 * hq * d,
         )
 

@@ -44,7 +44,7 @@ def _engine(a, model_dir: str):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs)
+              max_num_seqs=a.max_num_seqs, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     t0 = time.perf_counter()
@@ -104,8 +104,11 @@ def throughput(a) -> dict:
         results = [ours]
         for name in a.peers:
             results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
-    rates = measure_rates(device, dtype)
-    floor = floor_seconds(ModelCost.of(config, torch.finfo(dtype).bits // 8),
+    rates = measure_rates(device, dtype, fp8_matmul=stats.quantization == "fp8")
+    # Bytes as the engine stores them: fp8 weights and an fp8 cache count one byte per element.
+    cost = ModelCost.of(config, torch.finfo(dtype).bits // 8, weight_bytes=stats.weight_bytes,
+                        kv_bytes_per_token=stats.kv_bytes_per_token)
+    floor = floor_seconds(cost,
                           [len(r.prompt) for r in requests], [r.output_len for r in requests], rates)
     in_tokens = sum(len(r.prompt) for r in requests)
     for r in results:
@@ -115,7 +118,9 @@ def throughput(a) -> dict:
     for r in results[1:]:
         ours[f"vs_{r['peer']}"] = r["seconds"] / ours["seconds"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
+    report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), quantization=stats.quantization,
+                  kv_cache_dtype=stats.kv_cache_dtype, weight_bytes=stats.weight_bytes,
+                  kv_bytes_per_token=stats.kv_bytes_per_token, num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
     _print_throughput(report)
     _write(a, report, timeline, f"{a.model}, {len(requests)} requests, {where}")
@@ -124,7 +129,9 @@ def throughput(a) -> dict:
 
 def _print_throughput(rep: dict) -> None:
     r0 = rep["rates"]
-    print(f"\n{rep['model']} on {rep['device']} ({rep['dtype']}): {rep['num_requests']} requests, "
+    print(f"\n{rep['model']} on {rep['device']} ({rep['dtype']}, weights {rep['quantization'] or 'unquantized'} "
+          f"{rep['weight_bytes'] / 2**30:.2f} GiB, KV {rep['kv_cache_dtype']} {rep['kv_bytes_per_token']} B/token): "
+          f"{rep['num_requests']} requests, "
           f"{rep['input_tokens']} prompt tokens | measured: copy {r0['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {r0['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | roofline {rep['floor']['total_s']:.2f} s "
           f"(prefill {rep['floor']['prefill_s']:.2f} + decode {rep['floor']['decode_s']:.2f})")
@@ -182,6 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--max-model-len", type=int, default=2048)
         q.add_argument("--max-num-seqs", type=int, default=256)
         q.add_argument("--kv-cache-memory", type=int, default=None)
+        q.add_argument("--quantization", default=None, choices=["fp8"])
+        q.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
         q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", default=None, help="write the results here")
