@@ -6,6 +6,7 @@ Public entry points (the contract in DESIGN.md):
                     sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None,
                     k_scale=1.0, v_scale=1.0)
     copy_blocks(kv_caches, src, dst)
+    quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
 and the element-wise ops the models run around them (triton_fused.py, one kernel each on CUDA):
     rms_norm(x, weight, eps, residual=None, *, gemma=False)
     gated_activation(x, activation)
@@ -33,7 +34,8 @@ import torch
 
 from . import reference
 
-__all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary", "reference"]
+__all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
+           "quantize_fp8_rows", "reference"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -187,6 +189,14 @@ def paged_attention(
         k_scale=k_scale,
         v_scale=v_scale,
     )
+
+
+def quantize_fp8_rows(x: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) fp8 quantization of x [M, K]: (x / scale as float8_e4m3fn saturated at
+    +-448, scale [M, 1] fp32 = max(amax of the row / 448, 1e-12)). One kernel on CUDA."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} must be a 2-D float tensor [M, K]")
+    return _pick(impl, x).quantize_fp8_rows(x)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

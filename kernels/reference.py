@@ -50,6 +50,13 @@ def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
 
 
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x / scale as float8_e4m3fn, scale [M, 1] fp32), scale = max(amax of the row / 448, 1e-12)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,

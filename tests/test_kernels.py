@@ -432,6 +432,27 @@ def test_fp8_copy_blocks_and_bad_scales():
                          torch.tensor([0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_quantize_rows(dtype):
+    """Per-token fp8 activations: interpreted Triton and the reference write the same bytes and scales."""
+    x = (torch.randn(5, 200, generator=torch.Generator().manual_seed(3)) * torch.tensor([1e-3, 1, 30, 1e4, 0])[:, None])
+    x = x.to(dtype)
+    (q_ref, s_ref), (q_tri, s_tri) = (kernels.quantize_fp8_rows(x, impl=i) for i in ("reference", "triton"))
+    assert q_ref.dtype == FP8 and s_ref.shape == (5, 1)
+    assert torch.equal(s_ref, s_tri) and torch.equal(q_ref.view(torch.uint8), q_tri.view(torch.uint8))
+    assert q_ref.float().abs().amax(-1)[:4].eq(448).all() and q_ref[4].float().eq(0).all()  # zero row: scale 1e-12
+    assert rel_err(q_ref.float() * s_ref, x.float()) < 0.04
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp8_quantize_rows():
+    x = torch.randn(300, 14336, device="cuda", dtype=torch.bfloat16) * 3
+    (q_ref, s_ref), (q, s) = kernels.quantize_fp8_rows(x, impl="reference"), kernels.quantize_fp8_rows(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 1e-4  # ties at most
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("d", [64, 128, 256])

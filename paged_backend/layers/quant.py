@@ -16,16 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale (and quantizes to zeros)
+from paged_backend import kernels
 
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x_q [M, K] float8_e4m3fn, scale [M, 1] fp32) with x ~= x_q * scale, one scale per row."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
-    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+# x [M, K] -> (x_q float8_e4m3fn, scale [M, 1] fp32), x ~= x_q * scale: one kernel on CUDA, torch on CPU.
+quantize_rows = kernels.quantize_fp8_rows
 
 
 def _scaled_mm_ok(x: torch.Tensor, n: int) -> bool:
