@@ -137,15 +137,16 @@ def test_fp8_quality_tiny(tiny_model_dir, kind):
     check(measure(llm), {"fp8 weights": (0.65, 0.15), "fp8 KV": (0.85, 0.07), "fp8 weights + fp8 KV": (0.65, 0.16)})
 
 
-# Measured on the CPU (fp32 reference, 480 positions; BENCHMARKS.md / the fp8 report):
-#   SmolLM2-135M: bf16 98.3 % / 0.022, fp8 KV 94.0 % / 0.062, fp8 weights 89.6 % / 0.127, both 88.1 % / 0.135.
-# e4m3 keeps 3 mantissa bits (2.6 % RMS error per element, measured on SmolLM2's K/V whatever the scale), and
-# weights and activations each take about half of the fp8-weights loss (92.5 % weights only, 92.9 %
-# activations only). So on these 135M/270M models W8A8 fp8 misses the 95 % yardstick; the bounds below pin
-# the measured quality so that a regression fails.
+# Measured on the CPU (fp32 reference, 480 positions), agreement / logits relative error:
+#   SmolLM2-135M:  bf16 98.3 % / 0.022, fp8 KV 94.0 % / 0.062, fp8 weights 89.6 % / 0.127, both 88.1 % / 0.135
+#   gemma-3-270m:  bf16 97.9 % / 0.022, fp8 KV 97.7 % / 0.043, fp8 weights 96.0 % / 0.137, both 95.4 % / 0.142
+# gemma-3-270m meets the 95 % yardstick on every fp8 path; SmolLM2-135M does not: e4m3 keeps 3 mantissa
+# bits (2.6 % RMS error per element, measured on SmolLM2's K/V whatever the KV scale), and its weights and
+# activations each take about half of the fp8-weights loss (92.5 % weights only, 92.9 % activations only).
+# The bounds pin the measured quality (less a margin for thread-count-dependent near-ties).
 BUNDLED_BOUNDS = {
     "smollm2-135m-instruct": {"fp8 weights": (0.87, 0.15), "fp8 KV": (0.92, 0.08), "fp8 weights + fp8 KV": (0.85, 0.16)},
-    "gemma-3-270m": {"fp8 weights": (0.87, 0.15), "fp8 KV": (0.92, 0.08), "fp8 weights + fp8 KV": (0.85, 0.16)},
+    "gemma-3-270m": {"fp8 weights": (0.95, 0.16), "fp8 KV": (0.96, 0.06), "fp8 weights + fp8 KV": (0.94, 0.17)},
 }
 
 
