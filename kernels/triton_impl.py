@@ -53,7 +53,7 @@ def _to_cache(x, inv_scale, cache_ptr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr
         if SOFT_FP8:
             return _fp8_bits(y).to(cache_ptr.dtype.element_ty, bitcast=True)
         else:
-            return y.to(cache_ptr.dtype.element_ty)
+            return y.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch rounds
     else:
         return x.to(cache_ptr.dtype.element_ty)
 
@@ -70,7 +70,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, N, BLOCK: tl.constexpr,
     if SOFT_FP8:
         q = _fp8_bits(y).to(q_ptr.dtype.element_ty, bitcast=True)
     else:
-        q = y.to(q_ptr.dtype.element_ty)
+        q = y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(q_ptr + row * N + offs, q, mask=mask)
     tl.store(s_ptr + row, scale)
 
