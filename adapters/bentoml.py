@@ -4,12 +4,18 @@
         --arg max_model_len=2048 --arg served_model_name=smollm2
 
 then any OpenAI client: POST /v1/chat/completions and /v1/completions (`stream: true` as server-sent
-events ending in `data: [DONE]`), GET /v1/models; GET /stats (the engine's stats), GET /health;
-and BentoML's own `POST /generate` (streams plain text) with /readyz, /livez, /metrics.
+events ending in `data: [DONE]`), GET /v1/models, POST /tokenize and /detokenize; GET /stats (the
+engine's stats), GET /health; and BentoML's own `POST /generate` (streams plain text) with /readyz,
+/livez and /metrics (BentoML's HTTP metrics and the engine's `paged_backend:*` ones).
+
+It listens on 127.0.0.1 unless told otherwise (`--host 0.0.0.0` exposes it: set an api_key first).
 
 Arguments (`--arg key=value`, or environment variables `PAGED_BACKEND_<KEY>`, upper-case; --arg
-wins): `model`, `served_model_name` (comma-separated aliases; default: the model argument),
-`torch_threads`, and every `EngineArgs` field (dtype, device, max_model_len, kv_cache_memory,
+wins): `model`, `served_model_name` (comma-separated aliases; default: the model argument, or the
+last part of it when it is a local path), `torch_threads`, `api_key` (prefer the environment
+variable PAGED_BACKEND_API_KEY: --arg values show in the process list), `allowed_origins` (CORS,
+comma-separated), `max_request_bytes`, `max_prompts_per_request`, `max_waiting_requests`,
+`request_timeout_s`, and every `EngineArgs` field (dtype, device, max_model_len, kv_cache_memory,
 max_num_seqs, load_format, gpu_memory_utilization, ...).
 
 Your own bento with its own resources and traffic settings:
@@ -22,17 +28,20 @@ Your own bento with its own resources and traffic settings:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 from typing import Any, AsyncGenerator, Optional
 
 import bentoml  # the real package: this module is paged_backend.adapters.bentoml, imports are absolute
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from paged_backend import AsyncLLM, EngineArgs, SamplingParams
 
-from .openai_server import OpenAIServing, build_app
+from .metrics import EngineMetrics
+from .openai_server import OpenAIServing, ServerLimits, build_app
+from .security import GuardSettings, ServiceGuard
 
 logger = logging.getLogger("paged_backend.adapters")
 
@@ -47,11 +56,27 @@ class ServiceArgs(BaseModel):
 
     served_model_name: Optional[str] = None
     torch_threads: Optional[int] = None
+    api_key: Optional[str] = None
+    allowed_origins: Optional[str] = None  # comma-separated; none: no cross-origin browser access
+    max_request_bytes: int = Field(GuardSettings.max_request_bytes, ge=1)
+    max_prompts_per_request: int = Field(ServerLimits.max_prompts_per_request, ge=1)
+    max_waiting_requests: int = Field(ServerLimits.max_waiting_requests, ge=1)
+    request_timeout_s: Optional[float] = Field(None, gt=0)
 
     def names(self, model: str) -> list[str]:
-        if not self.served_model_name:
-            return [model]
-        return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+        """The names clients see; never a local directory (its last part stands for it)."""
+        if self.served_model_name:
+            return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+        if os.path.exists(model):
+            return [os.path.basename(os.path.normpath(model))]
+        return [model]
+
+    def limits(self) -> ServerLimits:
+        return ServerLimits(max_prompts_per_request=self.max_prompts_per_request,
+                            max_waiting_requests=self.max_waiting_requests, request_timeout_s=self.request_timeout_s)
+
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in (self.allowed_origins or "").split(",") if o.strip())
 
 
 def _known_keys() -> set[str]:
@@ -97,20 +122,43 @@ def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[st
     holder: dict[str, OpenAIServing] = {}
     app = build_app(lambda: holder.get("serving"))
     traffic = {"timeout": 3600, **service_config.pop("traffic", {})}  # long CPU generations
+    # Loopback unless the operator says otherwise (`bentoml serve --host 0.0.0.0`, or http={"host": ...}).
+    http = {"host": "127.0.0.1", **service_config.pop("http", {})}
     defaults = dict(engine_args or {})
+    resolved: list[tuple[dict[str, Any], ServiceArgs]] = []
+
+    def arguments() -> tuple[dict[str, Any], ServiceArgs]:
+        """Read once per worker: by the guard on the first request or by the service, whichever is first."""
+        if not resolved:
+            resolved.append(resolve_args(defaults))
+        engine_kwargs, args = resolved[0]
+        return dict(engine_kwargs), args
+
+    async def refresh_metrics() -> None:
+        serving = holder.get("serving")
+        if serving is not None and serving.metrics is not None:
+            await asyncio.to_thread(serving.metrics.refresh)
+
+    def guard_settings() -> GuardSettings:
+        args = arguments()[1]
+        return GuardSettings(api_key=args.api_key or None, allowed_origins=args.origins(),
+                             max_request_bytes=args.max_request_bytes, on_metrics_scrape=refresh_metrics)
 
     class _Service:
         def __init__(self) -> None:
-            engine_kwargs, args = resolve_args(defaults)
+            engine_kwargs, args = arguments()
             threads = _torch_threads(args)
             if threads:
                 import torch
 
                 torch.set_num_threads(threads)
             model = engine_kwargs.pop("model")
-            logger.info("loading %s with %s", model, engine_kwargs)
+            logger.info("loading %s with %s", args.names(model)[0], engine_kwargs)
             self.llm = AsyncLLM(model, **engine_kwargs)
-            holder["serving"] = OpenAIServing(self.llm, args.names(model), model_root=model)
+            names = args.names(model)
+            self.serving = OpenAIServing(self.llm, names, aliases=(model,), limits=args.limits(),
+                                         metrics=EngineMetrics(self.llm, names[0]))
+            holder["serving"] = self.serving
 
         @bentoml.api
         async def generate(
@@ -127,6 +175,8 @@ def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[st
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop=stop, seed=seed)
             async for out in self.llm.generate(prompt, params):
+                if out.finished:
+                    self.serving.metrics.observe(out)
                 if out.outputs[0].text_delta:
                     yield out.outputs[0].text_delta
 
@@ -138,7 +188,9 @@ def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[st
     _Service.__name__ = _Service.__qualname__ = name
     _Service.__doc__ = f"paged-backend LLM service {name}: OpenAI-compatible routes over one AsyncLLM."
     _Service.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)
-    svc = bentoml.service(name=name, traffic=traffic, **service_config)(bentoml.asgi_app(app, path="/")(_Service))
+    svc = bentoml.service(name=name, traffic=traffic, http=http, **service_config)(
+        bentoml.asgi_app(app, path="/")(_Service))
+    svc.add_asgi_middleware(ServiceGuard, settings=guard_settings)
     # BentoML finds a service's import path from the module that called bentoml.service, which is
     # this one; the class belongs to make_service's caller.
     svc._caller_module = _Service.__module__

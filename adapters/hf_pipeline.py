@@ -10,6 +10,10 @@ generate()'s global defaults such as top_k=50) and the same output format. What 
 prompt of a call goes to the engine at once (continuous batching), whatever batch_size says.
 A generation or pipeline argument the engine cannot honour raises ValueError; none is ignored.
 
+A subclass of transformers' TextGenerationPipeline: its own parameter handling (`_sanitize_parameters`),
+`preprocess` (tokenising, chat templates, prefix, "hole" truncation) and `postprocess` (return types,
+full text, chat replies) run unchanged; only the generation step is the engine's.
+
 Also registered as the task "paged-text-generation", so `transformers.pipeline("paged-text-generation",
 model=...)` works: there `model` is an HF directory or hub id with a config.json (transformers reads
 the config before the pipeline sees the model), or an existing `LLM` (for aliases and .gguf files).
@@ -17,15 +21,14 @@ the config before the pipeline sees the model), or an existing `LLM` (for aliase
 
 from __future__ import annotations
 
-import copy
 import os
 import types
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig, GenerationConfig, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
-from transformers.utils.chat_template_utils import is_valid_message
+from transformers.utils.chat_template_utils import Chat, is_valid_message
 
 from paged_backend import LLM, SamplingParams
 
@@ -35,11 +38,6 @@ REGISTERED_TASK = "paged-text-generation"
 # LLM(...) keywords that pipeline(..., **kwargs) or model_kwargs may carry to the engine.
 ENGINE_KWARGS = {"tokenizer", "max_model_len", "block_size", "gpu_memory_utilization", "kv_cache_memory",
                  "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "load_format", "seed"}
-# TextGenerationPipeline._sanitize_parameters' own parameters; every other keyword goes to generate().
-PIPELINE_PARAMS = {"return_full_text", "return_tensors", "return_text", "return_type", "clean_up_tokenization_spaces",
-                   "prefix", "handle_long_generation", "stop_sequence", "truncation", "max_length",
-                   "continue_final_message", "skip_special_tokens", "tokenizer_encode_kwargs", "tools", "documents",
-                   "add_special_tokens", "padding"}
 # TextGenerationPipeline._default_generation_config, applied where neither the user nor the model set them.
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}
@@ -55,22 +53,11 @@ NO_OUTPUT_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_ca
                     "assistant_lookbehind", "target_lookbehind", "is_assistant", "low_memory", "prefill_chunk_size"}
 
 
-class ReturnType:
-    TENSORS, NEW_TEXT, FULL_TEXT = 0, 1, 2
+class PagedTextGenerationPipeline(TextGenerationPipeline):
+    """transformers' TextGenerationPipeline, called the same way, run by paged_backend's engine.
 
-
-class _Chat:
-    """One conversation (transformers' pipelines wrap chats so that a chat is not taken for a batch)."""
-
-    def __init__(self, messages):
-        for m in messages:
-            if not is_valid_message(m):
-                raise ValueError("When passing chat dicts as input, each dict must have a 'role' and 'content' key.")
-        self.messages = list(messages)
-
-
-class PagedTextGenerationPipeline:
-    """transformers' TextGenerationPipeline, called the same way, run by paged_backend's engine."""
+    Pipeline.__init__ is not called: it loads and places a transformers model. This sets what the
+    inherited methods read instead (tokenizer, generation config and defaults, init-time parameters)."""
 
     _load_tokenizer = _load_processor = _load_image_processor = _load_video_processor = False
     _load_feature_extractor = False
@@ -97,10 +84,12 @@ class PagedTextGenerationPipeline:
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key}: assisted (speculative) generation is not supported by paged_backend")
             kwargs.pop(key, None)
+        self.assistant_model = self.assistant_tokenizer = None
         self._generate_kwargs = {k: kwargs.pop(k) for k in (GENERATION_KEYS | {"generation_config"}) & kwargs.keys()}
-        self._init_params = self._split_kwargs(kwargs)
         pad = self.tokenizer.pad_token_id
         self._generation_defaults = dict(PIPELINE_DEFAULTS, **({"pad_token_id": pad} if pad is not None else {}))
+        self._preprocess_params, self._forward_params, self._postprocess_params = {}, {}, {}  # read by _call_params
+        self._preprocess_params, self._forward_params, self._postprocess_params = self._call_params(kwargs)[:3]
 
     def __repr__(self):
         return f"{type(self).__name__}(model={self.llm.args.model!r}, task={self.task!r})"
@@ -109,17 +98,16 @@ class PagedTextGenerationPipeline:
     def __call__(self, text_inputs, *args, num_workers=None, batch_size=None, **kwargs):
         if args:
             raise TypeError(f"unexpected positional arguments {args!r}: pass generation options as keywords")
-        params = self._split_kwargs(kwargs)
-        params["pipeline"] = {**self._init_params["pipeline"], **params["pipeline"]}
+        params = self._call_params(kwargs)
         if isinstance(text_inputs, str):
             return self._run([text_inputs], params)[0]
         if isinstance(text_inputs, (list, tuple)):
             if not text_inputs:
                 return []
             if is_valid_message(text_inputs[0]):
-                return self._run([_Chat(text_inputs)], params)[0]
+                return self._run([Chat(text_inputs)], params)[0]
             if isinstance(text_inputs[0], (list, tuple)) and all(c and is_valid_message(c[0]) for c in text_inputs):
-                return self._run([_Chat(c) for c in text_inputs], params)
+                return self._run([Chat(c) for c in text_inputs], params)
             return self._run(list(text_inputs), params)
         if isinstance(text_inputs, (types.GeneratorType, Iterable)) and not isinstance(text_inputs, (dict, bytes)):
             return self._stream(iter(text_inputs), params, batch_size or self._batch_size)
@@ -130,7 +118,7 @@ class PagedTextGenerationPipeline:
 
     transform = predict
 
-    def _stream(self, it: Iterator, params: dict, batch_size: Optional[int]) -> Iterator:
+    def _stream(self, it: Iterator, params: tuple, batch_size: Optional[int]) -> Iterator:
         """Datasets and generators: outputs come lazily, a chunk of inputs at a time (chunks of at least 64
         so that the engine still batches)."""
         chunk_size = max(64, batch_size or 1)
@@ -138,7 +126,7 @@ class PagedTextGenerationPipeline:
             chunk = []
             for x in it:
                 if isinstance(x, (list, tuple)) and x and is_valid_message(x[0]):
-                    x = _Chat(x)
+                    x = Chat(x)
                 elif isinstance(x, dict) and is_valid_message(x):
                     raise ValueError("a stream of messages is read as one chat by transformers; pass a list of chats")
                 chunk.append(x)
@@ -148,41 +136,72 @@ class PagedTextGenerationPipeline:
                 return
             yield from self._run(chunk, params)
 
-    def _split_kwargs(self, kwargs: dict) -> dict:
-        pipe = {k: kwargs.pop(k) for k in PIPELINE_PARAMS & kwargs.keys()}
-        if pipe.get("max_length") is not None:  # both a tokenizer and a generate() argument, as in transformers
-            kwargs["max_length"] = pipe["max_length"]
+    def _call_params(self, kwargs: dict) -> tuple[dict, dict, dict, int]:
+        """transformers' own split of a call's keywords into preprocess / generate / postprocess parameters,
+        over the init-time ones; and the prefix's length in tokens (0 without a prefix)."""
+        kwargs = dict(kwargs)
         kwargs.pop("tokenizer", None)  # transformers passes its tokenizer along for stop_strings
-        bad = [k for k in kwargs if k not in GENERATION_KEYS and k != "generation_config"]
+        pre, fwd, post = self._sanitize_parameters(**kwargs)
+        pre = {**self._preprocess_params, **pre}
+        fwd = {**self._forward_params, **fwd}
+        post = {**self._postprocess_params, **post}
+        fwd.pop("tokenizer", None)  # added for stop_strings: the engine matches stop strings itself
+        prefix_len = fwd.pop("prefix_length", 0) if pre.get("prefix") else 0
+        bad = [k for k in fwd if k not in GENERATION_KEYS and k != "generation_config"]
         if bad:
             raise ValueError(f"unsupported argument(s) {bad}: paged_backend's pipeline takes the generation "
-                             f"parameters of transformers' GenerationConfig and {sorted(PIPELINE_PARAMS)}")
-        if pipe.get("handle_long_generation") not in (None, "hole"):
-            raise ValueError(f"{pipe['handle_long_generation']} is not a valid value for `handle_long_generation` "
-                             "parameter expected [None, 'hole']")
-        return {"pipeline": pipe, "generate": kwargs}
+                             "parameters of transformers' GenerationConfig and TextGenerationPipeline's own")
+        return pre, fwd, post, prefix_len
 
     # ---- one call -------------------------------------------------------------------------------
-    def _run(self, inputs: list, params: dict) -> list:
-        pp, gen = params["pipeline"], params["generate"]
-        return_type = _return_type(pp)
-        if pp.get("stop_sequence") is not None:
-            stop = pp["stop_sequence"]
-            gen = {**gen, "stop_strings": [stop] if isinstance(stop, str) else list(stop)}
-        resolved = self._resolve_generation(gen)
-        prefix = pp.get("prefix") or ""
-        prefix_len = 0
-        if prefix:
-            prefix_len = len(self.tokenizer(prefix, add_special_tokens=bool(pp.get("add_special_tokens", False)))["input_ids"])
-        prompts, sps, decode_from = [], [], []
+    def _run(self, inputs: list, params: tuple) -> list:
+        pre, fwd, post, prefix_len = params
+        resolved = self._resolve_generation(fwd)
+        encodings, prompts, sps = [], [], []
         for x in inputs:
-            ids, start = self._preprocess(x, pp, resolved)
+            enc, ids = self._encode(x, pre, resolved)
+            encodings.append(enc)
             prompts.append(ids)
-            decode_from.append(start)
             sps.append(self._sampling_params(resolved, len(ids), prefix_len if isinstance(x, str) else 0))
         outs = self.llm.generate(prompts, sps, use_tqdm=False) if prompts else []
-        return [self._postprocess(x, ids, start, out, resolved, pp, return_type)
-                for x, ids, start, out in zip(inputs, prompts, decode_from, outs)]
+        return [self.postprocess(self._model_outputs(enc, ids, out, resolved), **post)
+                for enc, ids, out in zip(encodings, prompts, outs)]
+
+    def _encode(self, x, pre: dict, resolved: dict) -> tuple[dict, list[int]]:
+        """TextGenerationPipeline.preprocess, and the prompt's token ids for the engine."""
+        if not isinstance(x, (str, Chat)):
+            raise TypeError(f"each input must be a str or a chat (a list of role/content dicts); got {type(x).__name__}")
+        enc = self.preprocess(x, **pre)
+        mask = enc.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("the prompt came out padded (padding='max_length'?): the engine batches unpadded "
+                             "prompts, so drop `padding`")
+        ids = enc["input_ids"][0].tolist()
+        if ids:
+            return enc, ids
+        # generate() starts an empty prompt from BOS; postprocess then decodes from position 0
+        bos = resolved.get("bos_token_id")
+        if bos is None:
+            raise ValueError("empty prompt and the model has no bos_token_id to start from")
+        return {**enc, "input_ids": None}, [bos]
+
+    @staticmethod
+    def _model_outputs(enc: dict, prompt_ids: list[int], out, resolved: dict) -> dict:
+        """What TextGenerationPipeline._forward hands to postprocess: the sequences of one prompt, padded to one
+        length with pad_token_id as generate() pads them."""
+        seqs = [prompt_ids + list(c.token_ids) for c in out.outputs]
+        width = max(len(s) for s in seqs)
+        pad = resolved.get("pad_token_id")
+        padded = [s + [pad] * (width - len(s)) for s in seqs]
+        return {"generated_sequence": torch.tensor([padded]), "input_ids": enc["input_ids"],
+                "prompt_text": enc["prompt_text"]}
+
+    def _get_set_generation_params(self, generate_kwargs: dict) -> dict:
+        """transformers' rule (used by preprocess for "hole"), with the engine model's generation config."""
+        params = self.generation_config.to_diff_dict()
+        if (user_config := generate_kwargs.get("generation_config")) is not None:
+            params.update(user_config.to_diff_dict())
+        return {**params, **generate_kwargs}
 
     def _resolve_generation(self, gen: dict) -> dict:
         """The generation parameters generate() would run with: the call's kwargs over its generation_config over
@@ -223,48 +242,6 @@ class PagedTextGenerationPipeline:
             resolved["pad_token_id"] = resolved["eos_token_id"][0]  # generate() does the same
         return resolved
 
-    def _preprocess(self, x, pp: dict, resolved: dict) -> tuple[list[int], int]:
-        """Token ids of one prompt, exactly as TextGenerationPipeline.preprocess builds them, and where the
-        generated text starts in the returned sequence."""
-        tok_kwargs = {k: pp[k] for k in ("add_special_tokens", "truncation", "padding", "max_length")
-                      if pp.get(k) is not None}
-        tok_kwargs.update(pp.get("tokenizer_encode_kwargs") or {})
-        if isinstance(x, _Chat):
-            tok_kwargs.pop("add_special_tokens", None)
-            cont = pp.get("continue_final_message")
-            if cont is None:
-                cont = x.messages[-1]["role"] == "assistant"
-            enc = self.tokenizer.apply_chat_template(
-                x.messages, add_generation_prompt=not cont, continue_final_message=cont, return_dict=True,
-                tools=pp.get("tools"), documents=pp.get("documents"), **tok_kwargs)
-        elif isinstance(x, str):
-            enc = self.tokenizer((pp.get("prefix") or "") + x, **tok_kwargs)
-        else:
-            raise TypeError(f"each input must be a str or a chat (a list of role/content dicts); got {type(x).__name__}")
-        ids = list(enc["input_ids"])
-        mask = enc.get("attention_mask")
-        if mask is not None and not all(mask):
-            raise ValueError("the prompt came out padded (padding='max_length'?): the engine batches unpadded "
-                             "prompts, so drop `padding`")
-        if pp.get("handle_long_generation") == "hole":
-            new = resolved["max_new_tokens"] if resolved.get("max_new_tokens") is not None \
-                else resolved["max_length"] - len(ids)
-            if new < 0:
-                raise ValueError("We cannot infer how many new tokens are expected")
-            limit = self.tokenizer.model_max_length
-            if len(ids) + new > limit:
-                keep = limit - new
-                if keep <= 0:
-                    raise ValueError("We cannot use `hole` to handle this generation the number of desired tokens "
-                                     "exceeds the models max length")
-                ids = ids[-keep:]
-        if not ids:  # generate() starts an empty prompt from BOS; the pipeline decodes from position 0
-            bos = resolved.get("bos_token_id")
-            if bos is None:
-                raise ValueError("empty prompt and the model has no bos_token_id to start from")
-            return [bos], 0
-        return ids, len(ids)
-
     def _sampling_params(self, r: dict, prompt_len: int, prefix_len: int) -> SamplingParams:
         if r.get("max_new_tokens") is not None:
             max_tokens = r["max_new_tokens"]
@@ -295,62 +272,6 @@ class PagedTextGenerationPipeline:
         else:
             sp.update(temperature=0.0)
         return SamplingParams(**sp)
-
-    def _postprocess(self, x, prompt_ids, start, out, resolved, pp, return_type) -> list[dict]:
-        skip = pp.get("skip_special_tokens")
-        skip = True if skip is None else skip
-        if getattr(self.tokenizer, "response_template", None):
-            skip = False
-        clean = pp.get("clean_up_tokenization_spaces")
-        seqs = [prompt_ids + list(c.token_ids) for c in out.outputs]
-        if return_type == ReturnType.TENSORS:
-            width = max(len(s) for s in seqs)  # generate() pads the sequences of one prompt to one length
-            pad = resolved.get("pad_token_id")
-            return [{"generated_token_ids": s + [pad] * (width - len(s))} for s in seqs]
-        records = []
-        for seq in seqs:
-            text = self.tokenizer.decode(seq[start:], skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
-            if return_type == ReturnType.FULL_TEXT:
-                if isinstance(x, str):
-                    text = x + text
-                else:
-                    text = self._chat_reply(x, text, seq, start, pp, skip, clean)
-            records.append({"generated_text": text})
-        return records
-
-    def _chat_reply(self, chat: _Chat, text, seq, start, pp, skip, clean):
-        cont = pp.get("continue_final_message")
-        if cont is None:
-            cont = chat.messages[-1]["role"] == "assistant"
-        if cont:
-            last = chat.messages[-1]
-            return chat.messages[:-1] + [{"role": last["role"], "content": last["content"] + text}]
-        if getattr(self.tokenizer, "response_template", None) is not None:
-            prefix = self.tokenizer.decode(seq[:start], skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
-            reply = self.tokenizer.parse_response(text, prefix=prefix, tools=pp.get("tools"))
-        else:
-            reply = {"role": "assistant", "content": text}
-        return list(chat.messages) + [reply]
-
-
-def _return_type(pp: dict) -> int:
-    """TextGenerationPipeline._sanitize_parameters' rules for return_full_text / return_text / return_tensors."""
-    rt, full, text, tensors = pp.get("return_type"), pp.get("return_full_text"), pp.get("return_text"), \
-        pp.get("return_tensors")
-    if full is not None and rt is None:
-        if text is not None:
-            raise ValueError("`return_text` is mutually exclusive with `return_full_text`")
-        if tensors is not None:
-            raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
-        rt = ReturnType.FULL_TEXT if full else ReturnType.NEW_TEXT
-    if tensors is not None and rt is None:
-        if text is not None:
-            raise ValueError("`return_text` is mutually exclusive with `return_tensors`")
-        rt = ReturnType.TENSORS
-    if rt is None:
-        return ReturnType.FULL_TEXT
-    return getattr(rt, "value", rt)  # transformers' own ReturnType enum is accepted too
-
 
 def _set_fields(cfg: GenerationConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items()

@@ -3,30 +3,32 @@
     from paged_backend.adapters.langchain import PagedBackendLLM, ChatPagedBackend
     llm = PagedBackendLLM(model="smollm2-135m-instruct", temperature=0, max_tokens=64)
     chain = PromptTemplate.from_template("Q: {q}\\nA:") | llm | StrOutputParser()
-    chat = ChatPagedBackend.from_engine(llm.async_engine)     # a second adapter on the same engine
+    chat = ChatPagedBackend(model="smollm2-135m-instruct")    # the same engine: same engine arguments
+    llm.close(); chat.close()                                   # or just drop them
 
-Design: ONE `AsyncLLM` backs every call of an adapter (and may be shared by several adapters).
-Every request goes to that engine concurrently, so whatever runs at the same time shares the
-engine's batches (continuous batching):
+Design: ONE `AsyncLLM` backs every call of an adapter, and adapters made with the same engine
+arguments share it (reference counted: it is shut down when the last adapter using it is closed or
+garbage-collected; `async_engine=` runs on an engine someone else owns). Every request goes to that
+engine concurrently, so whatever runs at the same time shares the engine's batches (continuous batching):
 - `_generate` (sync) submits all prompts at once and waits for all of them; `.batch(...)` of a
-  chain therefore reaches the engine as one batch. Sync calls are bridged to asyncio through one
-  background event-loop thread of this module; concurrent sync calls from several threads (the
-  chat model's `.batch`) all land in the same engine.
+  chain therefore reaches the engine as one batch. Sync calls use AsyncLLM's blocking iterators
+  (no event loop), so they work from any thread, including one running an event loop (notebooks).
 - `_agenerate` / `_astream` run on the caller's own event loop.
 - `_stream` / `_astream` yield one chunk per engine output (one token per step), built from the
   engine's `text_delta`s, so the chunks concatenate exactly to the final text.
 Cancelling a call (closing a stream early, cancelling a task) aborts its engine requests.
 
-Only `paged_backend`'s public names (and `get_tokenizer()`) are used.
+The engine arguments and sampling defaults are the fields of `EngineArgs` and `SamplingParams`
+(the engine's `seed` is `engine_seed` here: `seed` is the sampling seed); each sampling field can be
+overridden per call as a keyword. Only `paged_backend`'s public names are used.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import queue
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+import weakref
+from typing import Annotated, Any, AsyncIterator, Iterator, Optional
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
@@ -48,108 +50,77 @@ from langchain_core.outputs import (
     GenerationChunk,
     LLMResult,
 )
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from paged_backend import LLM, AsyncLLM, CompletionOutput, RequestOutput, SamplingParams
+from paged_backend import LLM, AsyncLLM, CompletionOutput, EngineArgs, RequestOutput, SamplingParams
 
 __all__ = ["PagedBackendLLM", "ChatPagedBackend"]
 
-# Adapter fields that are SamplingParams fields (a per-call kwarg of the same name overrides them).
-_SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "stop_token_ids", "ignore_eos", "seed", "logprobs",
-    "skip_special_tokens", "include_stop_str_in_output",
-)
-_ENGINE_FIELDS = (
-    "tokenizer", "dtype", "device", "max_model_len", "block_size", "gpu_memory_utilization",
-    "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "load_format",
-)
+_ENGINE_RENAMED = {"seed": "engine_seed"}  # SamplingParams.seed keeps the name `seed`
+_SAMPLING_DEFAULTS = {"max_tokens": 256}  # room for an answer (SamplingParams' own default is 16)
 _IGNORED_KWARGS = ("stream",)  # BaseChatModel passes stream=True through to _stream
 
-# ---- sync <-> async bridge ----------------------------------------------------------------------
-_loop_lock = threading.Lock()
-_loop: Optional[asyncio.AbstractEventLoop] = None
+
+def _fields(model: type[BaseModel], skip: set[str], rename: dict[str, str], defaults: dict[str, Any]) -> dict:
+    """The fields of `model` (types, constraints, defaults, descriptions) for create_model."""
+    out = {}
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        default = defaults.get(name, info.default)
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        out[rename.get(name, name)] = (annotation, Field(default, description=info.description))
+    return out
 
 
-def _background_loop() -> asyncio.AbstractEventLoop:
-    """One daemon thread running an event loop, for the sync entry points of every adapter."""
-    global _loop
-    with _loop_lock:
-        if _loop is None or _loop.is_closed():
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="paged-backend-langchain", daemon=True).start()
-            _loop = loop
-        return _loop
+_EngineFields = create_model("_EngineFields", **_fields(EngineArgs, {"model"}, _ENGINE_RENAMED, {}))
+_SamplingFields = create_model("_SamplingFields", **_fields(SamplingParams, {"stop"}, {}, _SAMPLING_DEFAULTS))
+_ENGINE_FIELDS = {name: _ENGINE_RENAMED.get(name, name) for name in EngineArgs.model_fields if name != "model"}
+_SAMPLING_FIELDS = tuple(_SamplingFields.model_fields)
 
 
-_DONE = object()
+# ---- engines shared between adapters ------------------------------------------------------------
+class _Lease:
+    """An adapter's hold on a shared engine (copies of the adapter share it). Dropping the last
+    reference to it releases the hold; the engine stops when no lease on it is left."""
+
+    def __init__(self, engine: AsyncLLM, key: str):
+        self.engine = engine
+        weakref.finalize(self, _SHARED.release, key)
 
 
-class _Raised:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
+class _SharedEngines:
+    """One AsyncLLM per distinct EngineArgs, with the number of live leases on it."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._engines: dict[str, tuple[AsyncLLM, int]] = {}
 
-def _iterate_sync(make_agen: Callable[[], AsyncIterator[Any]]) -> Iterator[Any]:
-    """Iterate an async iterator (made on the background loop) from a sync caller, item by item.
-    Closing this generator early cancels the async side (which aborts the engine requests)."""
-    items: queue.Queue = queue.Queue()
+    def acquire(self, args: EngineArgs) -> _Lease:
+        key = args.model_dump_json()
+        with self._lock:  # held while an engine loads, so that two adapters never load the same one twice
+            engine, count = self._engines.get(key) or (AsyncLLM(**args.model_dump()), 0)
+            self._engines[key] = (engine, count + 1)
+        return _Lease(engine, key)
 
-    async def pump() -> None:
-        try:
-            async with contextlib.aclosing(make_agen()) as agen:
-                async for item in agen:
-                    items.put(item)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-            items.put(_Raised(e))
-            if isinstance(e, asyncio.CancelledError):
-                raise
-        finally:
-            items.put(_DONE)
-
-    future = asyncio.run_coroutine_threadsafe(pump(), _background_loop())
-    try:
-        while True:
-            item = items.get()
-            if item is _DONE:
+    def release(self, key: str) -> None:
+        with self._lock:
+            engine, count = self._engines[key]
+            if count > 1:
+                self._engines[key] = (engine, count - 1)
                 return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        if not future.done():
-            future.cancel()
+            del self._engines[key]
+        engine.shutdown()
+
+    def __len__(self) -> int:
+        return len(self._engines)
 
 
-async def _merged(jobs: list[Callable[[], AsyncIterator[RequestOutput]]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Run every job (an engine request) concurrently; yield (job index, output) as they come."""
-    outputs: asyncio.Queue = asyncio.Queue()
-
-    async def one(i: int) -> None:
-        try:
-            async for out in jobs[i]():
-                outputs.put_nowait((i, out, None))
-        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
-            outputs.put_nowait((i, None, e))
-
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
-    try:
-        remaining = len(jobs)
-        while remaining:
-            i, out, err = await outputs.get()
-            if err is not None:
-                raise err
-            yield i, out
-            if out.finished:
-                remaining -= 1
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+_SHARED = _SharedEngines()
 
 
 # ---- shared fields and helpers ------------------------------------------------------------------
-class _PagedBackendBase(BaseModel):
+class _PagedBackendBase(_EngineFields, _SamplingFields):
     """Engine arguments, sampling defaults and the engine itself, shared by both adapters."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -157,46 +128,16 @@ class _PagedBackendBase(BaseModel):
     model: Optional[str] = None
     """Model name, local dir, .gguf file or bundled alias. Taken from `async_engine` when given."""
     async_engine: Optional[AsyncLLM] = Field(default=None, exclude=True)
-    """An existing engine to run on (several adapters may share one); made from `model` if None."""
-
-    # engine arguments (used only when the adapter makes its engine)
-    tokenizer: Optional[str] = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: Optional[int] = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: Optional[int] = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Further `AsyncLLM` keyword arguments (e.g. the engine's own `seed`)."""
-
-    # sampling defaults (SamplingParams meanings; each one can be overridden per call as a kwarg)
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    max_tokens: Optional[int] = 256
-    min_tokens: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    """An existing engine to run on (owned by the caller); if None, the shared engine for `model` and
+    the engine fields."""
     stop: Optional[list[str]] = None
     """Stop strings; the `stop` of a call is added to these."""
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    seed: Optional[int] = None
-    logprobs: Optional[int] = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
     streaming: bool = False
     """Also report tokens through callbacks (`on_llm_new_token`) on invoke/generate."""
+    max_prompts_per_call: Optional[int] = Field(None, ge=1)
+    """Refuse a generate/batch call with more prompts than this (None: no limit)."""
 
-    _owns_engine: bool = PrivateAttr(default=False)
+    _lease: Optional[_Lease] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -218,12 +159,11 @@ class _PagedBackendBase(BaseModel):
         if self.async_engine is None:
             if not self.model:
                 raise ValueError("give model=... (or async_engine=an existing AsyncLLM)")
-            kwargs = {f: getattr(self, f) for f in _ENGINE_FIELDS}
-            self.async_engine = AsyncLLM(self.model, **kwargs, **self.engine_kwargs)
-            self._owns_engine = True
+            args = EngineArgs(model=self.model, **{name: getattr(self, f) for name, f in _ENGINE_FIELDS.items()})
+            self._lease = _SHARED.acquire(args)
+            self.async_engine = self._lease.engine
         elif self.model is None:
-            args = getattr(self.async_engine, "args", None)
-            self.model = getattr(args, "model", None)
+            self.model = self.async_engine.args.model
         return self
 
     @classmethod
@@ -231,15 +171,26 @@ class _PagedBackendBase(BaseModel):
         """An adapter on an existing engine (shared with whoever else uses it)."""
         return cls(async_engine=engine, **fields)
 
-    def shutdown(self) -> None:
-        """Stop the engine if this adapter made it (a shared engine is left to its owner)."""
-        if self._owns_engine and self.async_engine is not None:
-            self.async_engine.shutdown()
+    def close(self) -> None:
+        """Let go of the engine: a shared one stops when no other adapter (or copy) uses it; one given
+        as async_engine is left to its owner. This adapter cannot be called afterwards."""
+        self.async_engine = None
+        self._lease = None
+
+    shutdown = close  # the name LLM and AsyncLLM use
+
+    def _engine(self) -> AsyncLLM:
+        if self.async_engine is None:
+            raise RuntimeError(f"this {type(self).__name__} was closed; make a new one")
+        return self.async_engine
 
     def _sampling_params(self, stop: Optional[list[str]], kwargs: dict[str, Any], streaming=False) -> SamplingParams:
         values = {f: getattr(self, f) for f in _SAMPLING_FIELDS}
         call = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS}
         call_stop = call.pop("stop", None)
+        model = call.pop("model", None)
+        if model is not None and model not in (self.model, self._engine().args.model):
+            raise ValueError(f"model={model!r} was asked for, but this {type(self).__name__} serves {self.model!r}")
         unknown = sorted(set(call) - set(_SAMPLING_FIELDS))
         if unknown:
             raise ValueError(f"unknown generation argument(s) {unknown}; known: {list(_SAMPLING_FIELDS) + ['stop']}")
@@ -261,7 +212,7 @@ class _PagedBackendBase(BaseModel):
     def get_token_ids(self, text: str) -> list[int]:
         if getattr(self, "custom_get_token_ids", None) is not None:
             return self.custom_get_token_ids(text)  # type: ignore[attr-defined]
-        return list(self.async_engine.get_tokenizer().encode(text, add_special_tokens=False))
+        return list(self._engine().get_tokenizer().encode(text, add_special_tokens=False))
 
     def _get_ls_params(self, stop: Optional[list[str]] = None, **kwargs: Any):
         return {**super()._get_ls_params(stop=stop, **kwargs), "ls_provider": "paged_backend"}  # type: ignore[misc]
@@ -293,10 +244,6 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
     def _llm_type(self) -> str:
         return "paged-backend"
 
-    def _jobs(self, prompts: list[str], params: SamplingParams):
-        engine = self.async_engine
-        return [lambda p=p: engine.generate(p, params) for p in prompts]
-
     def _result(self, finals: list[RequestOutput]) -> LLMResult:
         generations = [[Generation(text=c.text, generation_info=_completion_info(o, c)) for c in o.outputs] for o in finals]
         return LLMResult(generations=generations, llm_output={"token_usage": _usage(finals), "model_name": self.model})
@@ -313,14 +260,15 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
         run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> LLMResult:
         params = self._sampling_params(stop, kwargs)
-        jobs = self._jobs(prompts, params)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         report = self.streaming and run_manager is not None and params.n == 1
-        for i, out in _iterate_sync(lambda: _merged(jobs)):
-            if report and (chunk := self._token_chunk(i, out, len(prompts) > 1)) is not None:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            if out.finished:
-                finals[i] = out
+        outputs = self._engine().generate_many_sync(prompts, params, max_prompts=self.max_prompts_per_call)
+        with contextlib.closing(outputs):  # an error here aborts the requests at once
+            for i, out in outputs:
+                if report and (chunk := self._token_chunk(i, out, len(prompts) > 1)) is not None:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                if out.finished:
+                    finals[i] = out
         return self._result(finals)  # type: ignore[arg-type]
 
     async def _agenerate(
@@ -330,7 +278,8 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
         params = self._sampling_params(stop, kwargs)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         report = self.streaming and run_manager is not None and params.n == 1
-        async with contextlib.aclosing(_merged(self._jobs(prompts, params))) as outputs:
+        outputs = self._engine().generate_many(prompts, params, max_prompts=self.max_prompts_per_call)
+        async with contextlib.aclosing(outputs):
             async for i, out in outputs:
                 if report and (chunk := self._token_chunk(i, out, len(prompts) > 1)) is not None:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -351,20 +300,20 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
         run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         params = self._sampling_params(stop, kwargs, streaming=True)
-        engine = self.async_engine
-        for out in _iterate_sync(lambda: engine.generate(prompt, params)):
-            chunk, new = self._stream_chunk(out)
-            if run_manager is not None and new:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            if chunk is not None:
-                yield chunk
+        with contextlib.closing(self._engine().generate_many_sync([prompt], params)) as outputs:
+            for _, out in outputs:
+                chunk, new = self._stream_chunk(out)
+                if run_manager is not None and new:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                if chunk is not None:
+                    yield chunk
 
     async def _astream(
         self, prompt: str, stop: Optional[list[str]] = None,
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         params = self._sampling_params(stop, kwargs, streaming=True)
-        async with contextlib.aclosing(self.async_engine.generate(prompt, params)) as outputs:
+        async with contextlib.aclosing(self._engine().generate(prompt, params)) as outputs:
             async for out in outputs:
                 chunk, new = self._stream_chunk(out)
                 if run_manager is not None and new:
@@ -421,7 +370,7 @@ class ChatPagedBackend(_PagedBackendBase, BaseChatModel):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools=None) -> int:
         """Prompt tokens as the engine will see them (the chat template applied)."""
-        tok = self.async_engine.get_tokenizer()
+        tok = self._engine().get_tokenizer()
         text = tok.apply_chat_template(to_chat_messages(messages), tokenize=False, add_generation_prompt=True)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -455,19 +404,17 @@ class ChatPagedBackend(_PagedBackendBase, BaseChatModel):
             return None
         return ChatGenerationChunk(message=AIMessageChunk(content=c.text_delta))
 
-    def _request(self, messages: list[BaseMessage], stop, kwargs, streaming: bool):
-        params = self._sampling_params(stop, kwargs, streaming)
-        conversation = to_chat_messages(messages)
-        engine = self.async_engine
-        return lambda: engine.chat(conversation, params)
+    def _request(self, messages: list[BaseMessage], stop, kwargs, streaming: bool) -> tuple:
+        return to_chat_messages(messages), self._sampling_params(stop, kwargs, streaming)
 
     def _generate(
         self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
         run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> ChatResult:
         final = None
-        for out in _iterate_sync(self._request(messages, stop, kwargs, streaming=False)):
-            final = out
+        with contextlib.closing(self._engine().chat_sync(*self._request(messages, stop, kwargs, False))) as outputs:
+            for out in outputs:
+                final = out
         return self._result(final)
 
     async def _agenerate(
@@ -475,7 +422,7 @@ class ChatPagedBackend(_PagedBackendBase, BaseChatModel):
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> ChatResult:
         final = None
-        async with contextlib.aclosing(self._request(messages, stop, kwargs, streaming=False)()) as outputs:
+        async with contextlib.aclosing(self._engine().chat(*self._request(messages, stop, kwargs, False))) as outputs:
             async for out in outputs:
                 final = out
         return self._result(final)
@@ -485,18 +432,19 @@ class ChatPagedBackend(_PagedBackendBase, BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # BaseChatModel reports each chunk to the callbacks itself (it calls _stream without a run_manager).
-        for out in _iterate_sync(self._request(messages, stop, kwargs, streaming=True)):
-            chunk = self._chunk(out)
-            if chunk is not None:
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+        with contextlib.closing(self._engine().chat_sync(*self._request(messages, stop, kwargs, True))) as outputs:
+            for out in outputs:
+                chunk = self._chunk(out)
+                if chunk is not None:
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
 
     async def _astream(
         self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async with contextlib.aclosing(self._request(messages, stop, kwargs, streaming=True)()) as outputs:
+        async with contextlib.aclosing(self._engine().chat(*self._request(messages, stop, kwargs, True))) as outputs:
             async for out in outputs:
                 chunk = self._chunk(out)
                 if chunk is not None:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from paged_backend import SamplingParams
 
@@ -21,9 +21,10 @@ class APIError(Exception):
     """An error the client caused (or could act on), rendered in OpenAI's error format."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -39,6 +40,57 @@ class APIError(Exception):
         return cls("; ".join(parts) or str(e), param=param)
 
 
+# ---- what the server refuses ------------------------------------------------------------------
+# Request fields (OpenAI's or vLLM's) that would change the output and that this server does not
+# implement: a request that sets one (to anything but its "off" value) gets a 400 naming it, never a
+# silent 200 that ignored it. The one list; remove a name here when it gets implemented.
+UNSUPPORTED_FIELDS = frozenset({
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structured_outputs", "response_format", "tools", "tool_choice",
+    "functions", "function_call", "bad_words", "allowed_token_ids", "logit_bias", "logits_processors",
+    "priority", "prompt_logprobs", "truncate_prompt_tokens", "use_beam_search", "length_penalty",
+    "chat_template_kwargs", "documents", "suffix",
+    # A Jinja template from the client would run on the server (vLLM refuses it too unless told to).
+    "chat_template",
+})
+# Values of those fields that mean "not used" (OpenAI clients send some of them by default).
+_OFF_VALUES = {"tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "priority": (0,)}
+
+MAX_JSON_DEPTH = 32  # real requests nest 4-5 levels (messages / content parts / logit_bias)
+
+
+def check_body(body: Any) -> None:
+    """Refuses, with a 400 naming the place: JSON nested deeper than MAX_JSON_DEPTH, strings that
+    are not valid Unicode (lone surrogates, which the tokenizer cannot encode), and the fields of
+    UNSUPPORTED_FIELDS. One iterative walk, so no depth can overflow the stack here."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    for name in sorted(UNSUPPORTED_FIELDS & body.keys()):
+        value = body[name]
+        if value in (None, False, "", [], {}) or value in _OFF_VALUES.get(name, ()):
+            continue
+        raise APIError(f"{name} is not supported by this server (the request would have been answered "
+                       f"without it); remove the field", param=name, code="unsupported_field")
+    todo: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while todo:
+        value, where, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep (at {where})",
+                           param=where.split(".")[0] or None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(f"{where or 'the body'} is not valid Unicode: a lone surrogate "
+                               f"{value[e.start]!r} at character {e.start}",
+                               param=where.split(".")[0] or None) from None
+        elif isinstance(value, dict):
+            todo.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items())
+            todo.extend((k, where or "the body", depth + 1) for k in value if isinstance(k, str))
+        elif isinstance(value, list):
+            todo.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
 # ---- requests -------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -46,7 +98,7 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI clients add new ones
-    over time; fields that would change the output but are not implemented are refused."""
+    over time; fields that would change the output but are not implemented are refused (check_body)."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -56,12 +108,11 @@ class _SamplingFields(BaseModel):
     top_p: Optional[float] = None
     n: int = Field(1, ge=1, le=128)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's seed is an int64
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # vLLM's extras
     top_k: Optional[int] = None
@@ -72,13 +123,6 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return v
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         given = {
@@ -129,8 +173,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
@@ -138,10 +180,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _check(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; only 'text' is")
         return self
 
     def to_sampling_params(self) -> SamplingParams:
@@ -153,13 +191,10 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    suffix: Optional[str] = None
     best_of: Optional[int] = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported by this server")
         if self.echo and self.logprobs is not None:
@@ -184,8 +219,7 @@ class CompletionRequest(_SamplingFields):
 
 
 def parse_request(cls: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
+    check_body(body)
     try:
         return cls.model_validate(body)
     except ValidationError as e:
@@ -264,7 +298,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "paged-backend"
-    root: Optional[str] = None
+    root: Optional[str] = None  # the served name: where the weights came from is the operator's business
+    max_model_len: Optional[int] = None
 
 
 class ModelList(BaseModel):
@@ -272,21 +307,47 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ---- /tokenize and /detokenize (vLLM's shapes) ---------------------------------------------------
+class TokenizeCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # the chat template writes them
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def sse(obj: Union[BaseModel, dict, str]) -> str:
-    """One server-sent event: `data: <json>\\n\\n` (or the literal [DONE])."""
-    if isinstance(obj, BaseModel):
-        payload = obj.model_dump_json()
-    elif isinstance(obj, dict):
-        import json
-
-        payload = json.dumps(obj)
-    else:
-        payload = obj
-    return f"data: {payload}\n\n"
 
 
 # ---- logprobs -------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """OpenAI-compatible routes over one `AsyncLLM`, as a Starlette app (what BentoML mounts).
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /stats   GET /health
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
+    POST /tokenize   POST /detokenize (vLLM's shapes)   GET /stats   GET /health
 
 Every request is validated before anything is queued, and its first output is awaited before the
 response starts, so bad input (a bad parameter, a prompt longer than the context) is an HTTP 400 in
 OpenAI's error format rather than a broken stream. A client that goes away, mid-stream or while
-waiting for a non-streamed answer, aborts its requests: their KV blocks are freed at once.
+waiting for a non-streamed answer, aborts its requests: their KV blocks are freed at once; so does
+`request_timeout_s`. Beyond `max_waiting_requests` requests without a first token, new ones get 429.
+A failure inside the server is a 500 that names a request id; the exception is logged with that id.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -25,38 +29,117 @@ from starlette.routing import Route
 
 from paged_backend import AsyncLLM, RequestOutput, SamplingParams
 
+from .metrics import EngineMetrics
 from .openai_protocol import (
     APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, LogprobFormatter,
-    ModelCard, ModelList, UsageInfo, new_id, parse_request, sse,
+    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, LogprobFormatter, ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
+    TokenizeResponse, UsageInfo, new_id, parse_request,
 )
+from .sse import EventStream, Stream, close_all, merged, sse, unless_disconnected
 
 logger = logging.getLogger("paged_backend.adapters")
 
-_Stream = tuple[RequestOutput, AsyncIterator[RequestOutput]]  # (first output, the rest)
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_prompts_per_request: int = 256
+    max_waiting_requests: int = 1024  # accepted requests that have no first token yet
+    request_timeout_s: Optional[float] = None
+    retry_after_s: int = 1
+
+
+class _Admission:
+    """Counts requests accepted but not started (no first output yet): the server's queue."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after_s, self.waiting = limit, retry_after_s, 0
+
+    def admit(self, k: int) -> None:
+        if self.waiting + k > self.limit:
+            raise APIError(f"the server has {self.waiting} requests waiting (max_waiting_requests={self.limit}); "
+                           "retry later", status=429, type="rate_limit_exceeded", code="server_busy",
+                           headers={"Retry-After": str(self.retry_after_s)})
+        self.waiting += k
+
+
+class _Tracked:
+    """A request's output stream, counted as waiting until its first output (or until it is closed),
+    its latencies recorded when it finishes. A class, not an async generator, so that closing it
+    releases its place even if it was never started."""
+
+    def __init__(self, gen: AsyncIterator[RequestOutput], admission: _Admission, metrics: Optional[EngineMetrics]):
+        self.gen, self.admission, self.metrics = gen, admission, metrics
+        self.waiting = True
+
+    def _started(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.admission.waiting -= 1
+
+    def __aiter__(self) -> "_Tracked":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            out = await self.gen.__anext__()
+        except BaseException:
+            self._started()
+            raise
+        self._started()
+        if out.finished and self.metrics is not None:
+            self.metrics.observe(out)
+        return out
+
+    async def aclose(self) -> None:
+        self._started()
+        await self.gen.aclose()
 
 
 class OpenAIServing:
     """The handlers, holding the engine. One per process (per BentoML worker)."""
 
-    def __init__(self, llm: AsyncLLM, served_model_names: list[str], model_root: Optional[str] = None):
+    def __init__(self, llm: AsyncLLM, served_model_names: list[str], *, aliases: tuple[str, ...] = (),
+                 limits: ServerLimits = ServerLimits(), metrics: Optional[EngineMetrics] = None):
+        """`served_model_names` are listed and accepted; `aliases` (the model's local path, say) are
+        accepted but never shown."""
         self.llm = llm
         self.names = list(served_model_names)
-        self.root = model_root
+        self.aliases = set(aliases)
+        self.limits = limits
+        self.metrics = metrics
+        self.admission = _Admission(limits.max_waiting_requests, limits.retry_after_s)
         self.tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.engine.max_model_len  # read only: AsyncLLM has no public max_model_len yet
         self.fmt = LogprobFormatter(self.tokenizer)
         self.created = int(time.time())
+        private = self.aliases | {str(getattr(self.tokenizer, "name_or_path", "") or "")}
+        # only path-like strings: replacing a short plain word would garble messages
+        self._private = sorted((p for p in private if "/" in p or "\\" in p), key=len, reverse=True)
 
     # ---- helpers ------------------------------------------------------------------------------
     def model_name(self, requested: Optional[str]) -> str:
-        if not requested:
+        if not requested or requested in self.aliases:
             return self.names[0]
         if requested not in self.names:
-            raise APIError(f"The model `{requested}` does not exist; this server serves {self.names}",
+            raise APIError(f"The model `{_shorten(requested)}` does not exist; this server serves {self.names}",
                            status=404, param="model", code="model_not_found")
         return requested
 
-    async def _start(self, gens: list[AsyncIterator[RequestOutput]]) -> list[_Stream]:
+    def _tracked(self, gen: AsyncIterator[RequestOutput]) -> "_Tracked":
+        return _Tracked(gen, self.admission, self.metrics)
+
+    def _public(self, message: str) -> str:
+        """`message` with the model's local paths replaced by the served name."""
+        for private in self._private:
+            message = message.replace(private, self.names[0])
+        return message
+
+    def _deadline(self) -> Optional[float]:
+        t = self.limits.request_timeout_s
+        return None if t is None else asyncio.get_running_loop().time() + t
+
+    async def _start(self, gens: list[AsyncIterator[RequestOutput]]) -> list[Stream]:
         """Runs every generator to its first output; an error in any (bad prompt) closes them all."""
         tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
         try:
@@ -65,16 +148,16 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all(gens)
+            await close_all(gens)
             raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            await _close_all(gens)
+            await close_all(gens)
             e = errors[0]
             if isinstance(e, ValidationError):
                 raise APIError.from_validation(e) from e
             if isinstance(e, (ValueError, TypeError)):
-                raise APIError(str(e)) from e
+                raise APIError(self._public(str(e))) from e
             raise e
         return list(zip(results, gens))
 
@@ -85,16 +168,20 @@ class OpenAIServing:
         params = req.to_sampling_params()
         messages = [m.as_template_message() for m in req.messages]
         rid = new_id("chatcmpl")
-        gen = self.llm.chat(messages, params, request_id=rid, add_generation_prompt=req.add_generation_prompt,
-                            continue_final_message=req.continue_final_message)
+        deadline = self._deadline()
+        self.admission.admit(1)
+        gen = self._tracked(self.llm.chat(messages, params, request_id=rid,
+                                          add_generation_prompt=req.add_generation_prompt,
+                                          continue_final_message=req.continue_final_message))
         k = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
-            streams = await _unless_disconnected(request, self._start([gen]))
+            streams = await self._until(deadline, unless_disconnected(request, self._start([gen])), [gen])
             if streams is None:
                 return Response(status_code=499)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self._chat_events(rid, model, streams, params, k, usage))
-        final = await _unless_disconnected(request, self._collect([gen]))
+            events = self._chat_events(rid, model, streams, params, k, usage)
+            return EventStream(_until_deadline(deadline, self.limits.request_timeout_s, events))
+        final = await self._until(deadline, unless_disconnected(request, self._collect([gen])), [gen])
         if final is None:
             return Response(status_code=499)
         out = final[0]
@@ -111,15 +198,21 @@ class OpenAIServing:
         model = self.model_name(req.model)
         params = req.to_sampling_params()
         prompts = req.prompts()
+        if len(prompts) > self.limits.max_prompts_per_request:
+            raise APIError(f"{len(prompts)} prompts in one request; at most {self.limits.max_prompts_per_request} "
+                           "(max_prompts_per_request)", param="prompt")
         rid = new_id("cmpl")
-        gens = [self.llm.generate(p, params, request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
+        deadline = self._deadline()
+        self.admission.admit(len(prompts))
+        gens = [self._tracked(self.llm.generate(p, params, request_id=f"{rid}-{i}")) for i, p in enumerate(prompts)]
         if req.stream:
-            streams = await _unless_disconnected(request, self._start(gens))
+            streams = await self._until(deadline, unless_disconnected(request, self._start(gens)), gens)
             if streams is None:
                 return Response(status_code=499)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self._completion_events(rid, model, streams, prompts, req, params.n, usage))
-        finals = await _unless_disconnected(request, self._collect(gens))
+            events = self._completion_events(rid, model, streams, prompts, req, params.n, usage)
+            return EventStream(_until_deadline(deadline, self.limits.request_timeout_s, events))
+        finals = await self._until(deadline, unless_disconnected(request, self._collect(gens)), gens)
         if finals is None:
             return Response(status_code=499)
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -135,8 +228,42 @@ class OpenAIServing:
         return _json_response(CompletionResponse(id=rid, model=model, choices=choices, usage=usage))
 
     async def models(self, request: Request) -> Response:
-        cards = [ModelCard(id=name, created=self.created, root=self.root) for name in self.names]
+        cards = [ModelCard(id=name, created=self.created, root=self.names[0], max_model_len=self.max_model_len)
+                 for name in self.names]
         return _json_response(ModelList(data=cards))
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await _json(request)
+        chat = isinstance(body, dict) and "messages" in body
+        req = parse_request(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+        self.model_name(req.model)
+        if not chat:
+            text = req.prompt
+        else:
+            from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+            messages = [m.as_template_message() for m in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False,
+                    add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                    continue_final_message=req.continue_final_message)
+            except (TemplateError, ValueError) as e:
+                raise APIError(f"the chat template failed: {e}", param="messages") from None
+        encoded = await asyncio.to_thread(self.tokenizer, text, add_special_tokens=req.add_special_tokens)
+        ids = encoded["input_ids"]
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return _json_response(TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
+                                               token_strs=strs))
+
+    async def detokenize(self, request: Request) -> Response:
+        req: DetokenizeRequest = parse_request(DetokenizeRequest, await _json(request))
+        self.model_name(req.model)
+        vocab = len(self.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return _json_response(DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens)))
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(dataclasses.asdict(self.llm.stats()))
@@ -148,14 +275,32 @@ class OpenAIServing:
     async def _collect(self, gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         streams = await self._start(gens)
         finals: list[Optional[RequestOutput]] = [first for first, _ in streams]
-        async for k, out in _merged(streams):
+        async for k, out in merged(streams):
             finals[k] = out
         return finals  # type: ignore[return-value]
+
+    async def _until(self, deadline: Optional[float], work, gens: list) -> Any:
+        """`work` (which owns `gens`), cancelled at the deadline. When it fails, times out or the
+        client left (None), `gens` are closed here too: their requests are aborted and their places
+        in the queue given back, even if `work` was cancelled before it started them."""
+        ok = False
+        try:
+            if deadline is None:
+                result = await work
+            else:
+                result = await asyncio.wait_for(work, max(0.0, deadline - asyncio.get_running_loop().time()))
+            ok = result is not None
+            return result
+        except asyncio.TimeoutError:
+            raise _timeout_error(self.limits.request_timeout_s) from None
+        finally:
+            if not ok:
+                await close_all(gens)
 
     def _prompt_text(self, prompt: Union[str, list[int]], out: RequestOutput) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(out.prompt_token_ids)
 
-    async def _chat_events(self, rid: str, model: str, streams: list[_Stream], params: SamplingParams,
+    async def _chat_events(self, rid: str, model: str, streams: list[Stream], params: SamplingParams,
                            k: Optional[int], include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -167,7 +312,7 @@ class OpenAIServing:
         try:
             for i in range(params.n):
                 yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
-            async for _, out in _merged(streams):
+            async for _, out in merged(streams):
                 last = out
                 choices = []
                 for c in out.outputs:
@@ -190,7 +335,7 @@ class OpenAIServing:
             yield sse(_internal_error(e).body())
         yield sse("[DONE]")
 
-    async def _completion_events(self, rid: str, model: str, streams: list[_Stream], prompts: list,
+    async def _completion_events(self, rid: str, model: str, streams: list[Stream], prompts: list,
                                  req: CompletionRequest, n: int, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -206,7 +351,7 @@ class OpenAIServing:
                 yield chunk([CompletionChoice(index=p * n + i, text=heads[p]) for p in range(len(prompts))
                              for i in range(n)])
                 offsets = {p * n + i: len(heads[p]) for p in range(len(prompts)) for i in range(n)}
-            async for p, out in _merged(streams):
+            async for p, out in merged(streams):
                 finals[p] = out
                 choices = []
                 for c in out.outputs:
@@ -234,119 +379,38 @@ class OpenAIServing:
         yield sse("[DONE]")
 
 
-# ---- streaming plumbing -----------------------------------------------------------------------
-async def _iterate(stream: _Stream) -> AsyncIterator[RequestOutput]:
-    first, rest = stream
-    yield first
-    if not first.finished:
-        async for out in rest:
-            yield out
+def _shorten(s: str, n: int = 80) -> str:
+    return s if len(s) <= n else s[:n] + "..."
 
 
-async def _merged(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(stream index, output) of several streams as they arrive (one stream: no tasks needed).
-    Closing it closes every stream, which aborts the unfinished requests."""
-    if len(streams) == 1:
-        try:
-            async for out in _iterate(streams[0]):
-                yield 0, out
-        finally:
-            await streams[0][1].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
+def _timeout_error(seconds: Optional[float]) -> APIError:
+    return APIError(f"the request did not finish within request_timeout_s={seconds} s and was aborted",
+                    status=504, type="timeout", code="request_timeout")
 
-    async def pump(k: int) -> None:
-        try:
-            async for out in _iterate(streams[k]):
-                queue.put_nowait((k, out))
-            queue.put_nowait((k, None))
-        except Exception as e:
-            queue.put_nowait((k, e))
 
-    tasks = [asyncio.ensure_future(pump(k)) for k in range(len(streams))]
+async def _until_deadline(deadline: Optional[float], seconds: Optional[float],
+                          events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events of a stream; at the deadline an error event and [DONE] end it (closing `events`
+    aborts its requests)."""
     try:
-        remaining = len(streams)
-        while remaining:
-            k, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield k, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await _close_all([rest for _, rest in streams])
-
-
-async def _close_all(gens) -> None:
-    for g in gens:
-        try:
-            await g.aclose()
-        except Exception:  # closing must not hide the error being reported
-            logger.debug("closing a generator failed", exc_info=True)
-
-
-async def _wait_disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Runs `work`; if the client disconnects first, cancels it (aborting its requests) and
-    returns None. Call after the body was read, so that receive() only reports the disconnect."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        logger.info("client disconnected: request aborted")
-        return None
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-class EventStream(Response):
-    """Server-sent events from an async iterator of `data: ...\\n\\n` strings. Unlike a plain
-    StreamingResponse, a disconnect is noticed at once (not at the next write) and the iterator is
-    always closed, so the requests behind it are aborted without waiting for the garbage collector."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[str]):
-        self.events = events
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def pump() -> None:
+        if deadline is None:
+            async for event in events:
+                yield event
+            return
+        loop = asyncio.get_running_loop()
+        it = events.__aiter__()
+        while True:
             try:
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for event in self.events:
-                    await send({"type": "http.response.body", "body": event.encode("utf-8"), "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            finally:
-                await self.events.aclose()
-
-        streaming = asyncio.ensure_future(pump())
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not streaming.done():
-                logger.info("client disconnected mid-stream: request aborted")
-                streaming.cancel()
-            results = await asyncio.gather(streaming, watcher, return_exceptions=True)
-        if isinstance(results[0], Exception) and not isinstance(results[0], OSError):
-            logger.error("streaming failed", exc_info=results[0])
+                event = await asyncio.wait_for(it.__anext__(), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                yield sse(_timeout_error(seconds).body())
+                yield sse("[DONE]")
+                return
+            yield event
+    finally:
+        await events.aclose()
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -356,6 +420,8 @@ async def _json(request: Request) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError("the request body is nested too deeply") from None
 
 
 def _json_response(model) -> Response:
@@ -363,12 +429,17 @@ def _json_response(model) -> Response:
 
 
 def _internal_error(e: BaseException) -> APIError:
-    logger.error("request failed: %r", e, exc_info=e)
-    return APIError(f"the server failed to complete the request: {e}", status=500, type="internal_server_error")
+    """A 500 that names an id to quote, never the exception (it may hold paths or other requests'
+    data); the log has the exception under the same id."""
+    error_id = new_id("err")
+    logger.error("request %s failed: %r", error_id, e, exc_info=e)
+    return APIError(f"the server failed to complete the request (request id {error_id}); the server log "
+                    "has the details", status=500, type="internal_server_error", code=error_id,
+                    headers={"X-Request-Id": error_id})
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def build_app(get_serving: Callable[[], Optional[OpenAIServing]]) -> Starlette:
@@ -378,7 +449,8 @@ def build_app(get_serving: Callable[[], Optional[OpenAIServing]]) -> Starlette:
         async def endpoint(request: Request) -> Response:
             serving = get_serving()
             if serving is None:
-                return _error_response(APIError("the engine is still loading", 503, "service_unavailable"))
+                return _error_response(APIError("the engine is still loading", 503, "service_unavailable",
+                                                headers={"Retry-After": "5"}))
             try:
                 return await getattr(serving, name)(request)
             except APIError as e:
@@ -392,6 +464,8 @@ def build_app(get_serving: Callable[[], Optional[OpenAIServing]]) -> Starlette:
         route("/v1/chat/completions", "chat_completions", ["POST"]),
         route("/v1/completions", "completions", ["POST"]),
         route("/v1/models", "models", ["GET"]),
+        route("/tokenize", "tokenize", ["POST"]),
+        route("/detokenize", "detokenize", ["POST"]),
         route("/stats", "stats", ["GET"]),
         route("/health", "health", ["GET"]),
     ])

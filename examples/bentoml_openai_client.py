@@ -12,6 +12,7 @@ then:
 from __future__ import annotations
 
 import argparse
+import os
 
 import openai
 
@@ -20,10 +21,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base-url", default="http://127.0.0.1:3000/v1")
     ap.add_argument("--model", default=None, help="default: the first model the server lists")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "not-needed"),
+                    help="the server's key, if it has one (default: $OPENAI_API_KEY)")
     a = ap.parse_args()
 
-    # The server does not check API keys; the client insists on one.
-    client = openai.OpenAI(base_url=a.base_url, api_key="not-needed", max_retries=1, timeout=300)
+    # The server checks the key only when started with one (--api-key / PAGED_BACKEND_API_KEY); the
+    # client insists on having one either way.
+    client = openai.OpenAI(base_url=a.base_url, api_key=a.api_key, max_retries=1, timeout=300)
     model = a.model or client.models.list().data[0].id
     print(f"model: {model}\n")
 

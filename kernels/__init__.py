@@ -168,13 +168,7 @@ def paged_attention(
     if softcap is not None and softcap <= 0:
         softcap = None
     _check_cache(kv_cache, k_scale, v_scale)
-    mod = _pick(impl, q)
-    if mod is reference:
-        return reference.paged_attention(
-            q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
-            k_scale=k_scale, v_scale=v_scale,
-        )
-    return mod.paged_attention(
+    return _pick(impl, q).paged_attention(
         q,
         kv_cache,
         block_tables,

@@ -223,11 +223,15 @@ def paged_attention(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring.
-    k_scale / v_scale: the fp8 cache's dequantization scales (ignored for other cache dtypes)."""
+    max_query_len / max_seq_len are accepted for the Triton entry point's signature and unused:
+    this twin reads the lengths from the tensors. k_scale / v_scale: the fp8 cache's dequantization
+    scales (ignored for other cache dtypes)."""
     if out is None:
         out = torch.empty_like(q)
     if kv_cache.dtype == FP8_KV_DTYPE:

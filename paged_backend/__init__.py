@@ -9,7 +9,7 @@ The stable interface; adapters import nothing else:
 
 from paged_backend.args import EngineArgs
 from paged_backend.async_llm import AsyncLLM, EngineDeadError
-from paged_backend.engine.engine import EngineStats
+from paged_backend.engine.stats import EngineStats
 from paged_backend.llm import LLM
 from paged_backend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from paged_backend.params import SamplingParams

@@ -9,22 +9,32 @@ Streaming design: every yielded `RequestOutput` carries the cumulative state (`t
 of each completion) *and* what changed since the previous yield of that request
 (`CompletionOutput.text_delta`, `token_ids_delta`). Concatenating the deltas gives the final
 text exactly; while stop strings are pending, characters that may start one are held back.
+
+Prompts are tokenised on the caller's side (a worker thread for the async methods, the calling thread
+for the `*_sync` ones), never on the engine's thread or under its lock: a huge prompt delays only its
+own caller. Only the finished token ids are added under the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Union
+from functools import partial
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 from paged_backend.args import EngineArgs
-from paged_backend.chat import render_chat
-from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.engine.engine import Engine, StepFailed
+from paged_backend.engine.stats import EngineStats
+from paged_backend.llm import ParamsArg, Prompt, per_prompt_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
+from paged_backend.prompts import PromptPreparer
+
+_Job = Callable[[], tuple[Optional[str], list[int]]]  # makes one prompt's (text, token ids)
 
 
 _ADMISSION_GAP_S = 0.002
@@ -37,16 +47,28 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """Where one request's outputs go: (tag, output) into its call's queue, which is an asyncio.Queue
+    of `loop`, or a thread-safe queue.Queue when loop is None (the sync methods)."""
+
+    queue: Union[asyncio.Queue, queue.Queue]
+    tag: int
+    loop: Optional[asyncio.AbstractEventLoop]
+
+    def put(self, item) -> None:
+        if self.loop is None:
+            self.queue.put((self.tag, item))
+        else:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, item))
 
 
 class AsyncLLM:
-    """Same constructor arguments as `LLM`; `generate`/`chat` are async iterators of outputs."""
+    """Same constructor arguments as `LLM`; `generate`/`chat`/`generate_many` are async iterators of
+    outputs, `chat_sync`/`generate_many_sync` their blocking twins for code without an event loop."""
 
     def __init__(self, model: str, **engine_kwargs: Any):
         self.args = EngineArgs(model=model, **engine_kwargs)
         self.engine = Engine(self.args)
+        self._prepare = PromptPreparer(self.engine)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._streams: dict[str, _Stream] = {}
@@ -73,7 +95,13 @@ class AsyncLLM:
                     return
                 try:
                     outputs: list[Union[RequestOutput, BaseException]] = list(self.engine.step())
-                except Exception as e:  # a failed batch: its requests end with the error, the engine goes on
+                except StepFailed as e:  # the engine aborted that step's requests and goes on
+                    outputs = list(e.outputs)
+                    for rid in e.request_ids:
+                        err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e.cause!r}")
+                        err.__cause__ = e.cause
+                        outputs.append(_Tagged(rid, err))
+                except Exception as e:  # the engine itself is broken: every request ends with the error
                     outputs = []
                     for rid in list(self.engine.requests):
                         self.engine.abort_request(rid)
@@ -88,60 +116,24 @@ class AsyncLLM:
         if stream is None:
             return
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.put(item)
         except RuntimeError:  # the consumer's event loop is gone: nobody reads this request
             with self._lock:
                 self._streams.pop(request_id, None)
                 self.engine.abort_request(request_id)
 
     # ---- requests ---------------------------------------------------------------------------
-    def _add(self, prompt, params: SamplingParams, request_id: str, prompt_text: Optional[str]) -> None:
-        with self._work:
-            if request_id not in self._streams:  # cancelled before it was added
-                return
-            req = self.engine.add_request(prompt, params, request_id)
-            if prompt_text is not None:
-                req.prompt = prompt_text
-            self._work.notify()
-
-    def _abort_now(self, request_id: str) -> Optional[RequestOutput]:
-        with self._lock:
-            return self.engine.abort_request(request_id)
-
     async def generate(
         self,
-        prompt: Union[str, list[int]],
+        prompt: Prompt,
         sampling_params: Optional[SamplingParams] = None,
         request_id: Optional[str] = None,
-        *,
-        _prompt_text: Optional[str] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive; the last one has finished=True.
         Cancelling the consuming task (or closing the iterator early) aborts the request."""
-        if self._stopping:
-            raise RuntimeError("this AsyncLLM was shut down")
-        params = coerce_params(sampling_params)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
-        finished = False
-        try:
-            await asyncio.to_thread(self._add, prompt, params, request_id, _prompt_text)
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._abort_now(request_id)
+        calls = self._plan(1, sampling_params, None if request_id is None else [request_id], None)
+        async for _, out in self._stream([partial(self._prepare.prompt, prompt)], *calls):
+            yield out
 
     async def chat(
         self,
@@ -151,17 +143,168 @@ class AsyncLLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> AsyncIterator[RequestOutput]:
-        """One conversation through the tokenizer's chat template, streamed like `generate`."""
-        text, ids = render_chat(self.engine.tokenizer, messages, add_generation_prompt, continue_final_message, chat_template)
-        async for out in self.generate(ids, sampling_params, request_id, _prompt_text=text):
+        """One conversation through the tokenizer's chat template, streamed like `generate`.
+        tools: function definitions for a template that takes them."""
+        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template, tools)
+        calls = self._plan(1, sampling_params, None if request_id is None else [request_id], None)
+        async for _, out in self._stream([job], *calls):
             yield out
+
+    async def generate_many(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: ParamsArg = None,
+        *,
+        request_ids: Optional[Sequence[str]] = None,
+        max_prompts: Optional[int] = None,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Several requests at once: yields (index into prompts, output) in arrival order until every
+        request has finished. sampling_params: one for all, or one per prompt.
+
+        All prompts are tokenised and validated before any is queued, so a bad one raises (ValueError /
+        TypeError) at the first `__anext__` and nothing runs; the first output comes only after all of
+        them are queued. A request that fails later raises here and aborts the others; closing the
+        iterator or cancelling its task aborts every unfinished request. max_prompts: refuse calls with
+        more prompts (ValueError), e.g. a server's per-request limit."""
+        calls = self._plan(len(prompts), sampling_params, request_ids, max_prompts)
+        async for item in self._stream([partial(self._prepare.prompt, p) for p in prompts], *calls):
+            yield item
+
+    def generate_many_sync(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: ParamsArg = None,
+        *,
+        request_ids: Optional[Sequence[str]] = None,
+        max_prompts: Optional[int] = None,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """`generate_many` for synchronous code: a blocking iterator, no event loop involved (any thread,
+        also one that runs an event loop, such as a notebook's). Closing it early aborts the requests."""
+        calls = self._plan(len(prompts), sampling_params, request_ids, max_prompts)
+        return self._stream_sync([partial(self._prepare.prompt, p) for p in prompts], *calls)
+
+    def chat_sync(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: Optional[SamplingParams] = None,
+        request_id: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
+    ) -> Iterator[RequestOutput]:
+        """`chat` for synchronous code, like `generate_many_sync`."""
+        job = partial(self._prepare.chat, messages, add_generation_prompt, continue_final_message, chat_template, tools)
+        calls = self._plan(1, sampling_params, None if request_id is None else [request_id], None)
+        return (out for _, out in self._stream_sync([job], *calls))
 
     async def abort(self, request_id: str) -> None:
         """End a request now; its stream receives a final output with finish_reason "abort"."""
         out = await asyncio.to_thread(self._abort_now, request_id)
         if out is not None:
             self._deliver(request_id, out)
+
+    async def abort_all(self) -> int:
+        """End every request of this AsyncLLM now (each stream receives its final "abort" output);
+        returns how many were running or waiting."""
+        outs = await asyncio.to_thread(self._abort_all_now)
+        for rid, out in outs:
+            self._deliver(rid, out)
+        return len(outs)
+
+    # ---- how a call runs: plan, open its streams, submit (tokenise, then add), consume ----------
+    def _plan(self, n: int, sampling_params, request_ids, max_prompts) -> tuple[list[SamplingParams], list[str]]:
+        if self._stopping:
+            raise RuntimeError("this AsyncLLM was shut down")
+        if n == 0:
+            raise ValueError("no prompts given")
+        if max_prompts is not None and n > max_prompts:
+            raise ValueError(f"{n} prompts in one call; at most {max_prompts} are accepted")
+        params = per_prompt_params(sampling_params, n)
+        if request_ids is None:
+            return params, [uuid.uuid4().hex for _ in range(n)]
+        rids = list(request_ids)
+        if len(rids) != n or not all(isinstance(r, str) and r for r in rids):
+            raise ValueError(f"request_ids must be {n} non-empty str, one per prompt; got {request_ids!r}")
+        if len(set(rids)) != n:
+            raise ValueError("request_ids must be distinct")
+        return params, rids
+
+    def _open(self, rids: list[str], q, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        with self._lock:
+            taken = [r for r in rids if r in self._streams]
+            if taken:
+                raise ValueError(f"request_id {taken[0]!r} is already in use")
+            for tag, rid in enumerate(rids):
+                self._streams[rid] = _Stream(q, tag, loop)
+
+    def _submit(self, jobs: list[_Job], params: list[SamplingParams], rids: list[str]) -> None:
+        prompts = [job() for job in jobs]  # tokenising: on the caller's side, off the engine's lock
+        with self._work:
+            if any(rid not in self._streams for rid in rids):  # the caller gave up meanwhile
+                return
+            added: list[str] = []
+            try:
+                for rid, (text, ids), sp in zip(rids, prompts, params):
+                    self.engine.add_request(ids, sp, rid, prompt_text=text)
+                    added.append(rid)
+            except Exception:
+                for rid in added:  # all or nothing
+                    self.engine.abort_request(rid)
+                raise
+            self._work.notify()
+
+    def _close(self, rids: list[str], unfinished: list[str]) -> None:
+        for rid in rids:
+            self._streams.pop(rid, None)
+        if unfinished:
+            with self._lock:
+                for rid in unfinished:
+                    self.engine.abort_request(rid)
+
+    async def _stream(self, jobs, params, rids) -> AsyncIterator[tuple[int, RequestOutput]]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._open(rids, q, asyncio.get_running_loop())
+        pending = set(range(len(rids)))
+        try:
+            await asyncio.to_thread(self._submit, jobs, params, rids)
+            while pending:
+                tag, item = await q.get()
+                yield tag, self._received(item, tag, pending)
+        finally:
+            self._close(rids, [rids[t] for t in pending])
+
+    def _stream_sync(self, jobs, params, rids) -> Iterator[tuple[int, RequestOutput]]:
+        q: queue.Queue = queue.Queue()
+        self._open(rids, q, None)
+        pending = set(range(len(rids)))
+        try:
+            self._submit(jobs, params, rids)
+            while pending:
+                tag, item = q.get()
+                yield tag, self._received(item, tag, pending)
+        finally:
+            self._close(rids, [rids[t] for t in pending])
+
+    @staticmethod
+    def _received(item, tag: int, pending: set[int]) -> RequestOutput:
+        if isinstance(item, BaseException):
+            pending.discard(tag)
+            raise item
+        if item.finished:
+            pending.discard(tag)
+        return item
+
+    def _abort_now(self, request_id: str) -> Optional[RequestOutput]:
+        with self._lock:
+            return self.engine.abort_request(request_id)
+
+    def _abort_all_now(self) -> list[tuple[str, RequestOutput]]:
+        with self._lock:
+            outs = [(rid, self.engine.abort_request(rid)) for rid in list(self._streams)]
+        return [(rid, out) for rid, out in outs if out is not None]
 
     # ---- lifecycle --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -177,6 +320,8 @@ class AsyncLLM:
         self._thread.join(timeout=60)
         with self._lock:
             self.engine.shutdown()
+        for rid in list(self._streams):  # nobody would ever answer them
+            self._deliver(rid, RuntimeError("the AsyncLLM was shut down before this request finished"))
 
     def __enter__(self) -> "AsyncLLM":
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
 
 def validate_messages(conversation: Any) -> list[dict[str, Any]]:
     if not isinstance(conversation, (list, tuple)) or not conversation:
@@ -18,18 +20,23 @@ def validate_messages(conversation: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {i}: 'role' must be a non-empty str, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i}: 'content' must be a str, got {type(m['content']).__name__}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would fail with a TypeError
+            raise ValueError(f"message {i}: 'content' is not valid Unicode (lone surrogate at {e.start})") from None
     return list(conversation)
 
 
-def render_chat(
+def render_chat_text(
     tokenizer,
     conversation,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template: Optional[str] = None,
-) -> tuple[str, list[int]]:
-    """The conversation as the model's prompt: (text, token ids). Tokenized without adding special
-    tokens again, since the template writes them (as transformers' apply_chat_template does)."""
+    tools: Optional[list[dict]] = None,
+) -> str:
+    """The conversation as the model's prompt text, through the tokenizer's (or the given) template.
+    tools: OpenAI-style function definitions for templates that take them."""
     conversation = validate_messages(conversation)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -38,12 +45,14 @@ def render_chat(
         )
     if add_generation_prompt and continue_final_message:
         add_generation_prompt = False  # continuing the last message means no new turn
-    text = tokenizer.apply_chat_template(
-        conversation,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        chat_template=chat_template,
-    )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text, ids
+    try:
+        return tokenizer.apply_chat_template(
+            conversation,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+            **({"tools": tools} if tools else {}),
+        )
+    except TemplateError as e:  # a broken custom template, or one that raises on this conversation
+        raise ValueError(f"the chat template failed: {e}") from e

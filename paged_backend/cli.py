@@ -122,10 +122,17 @@ def cmd_serve(a) -> int:
                 load_format=a.load_format, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                 quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
-                served_model_name=a.served_model_name)
+                served_model_name=a.served_model_name, allowed_origins=a.allowed_origins,
+                max_request_bytes=a.max_request_bytes, max_prompts_per_request=a.max_prompts_per_request,
+                max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout)
     for k, v in args.items():
         if v is not None:
             cmd += ["--arg", f"{k}={v}"]
+    if a.api_key:  # through the environment: --arg values would show in the process list
+        os.environ["PAGED_BACKEND_API_KEY"] = a.api_key
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("PAGED_BACKEND_API_KEY"):
+        print(f"warning: serving on {a.host} without an API key: anyone who can reach it can use it "
+              "(--api-key or PAGED_BACKEND_API_KEY)", file=sys.stderr)
     os.execv(sys.executable, cmd)  # bentoml takes over this process: signals reach it directly
 
 
@@ -155,9 +162,20 @@ def main(argv=None) -> int:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (bentoml serve PagedLLMService)")
     _engine_flags(s)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) or 0.0.0.0 to expose it on purpose")
     s.add_argument("--port", type=int, default=3000)
     s.add_argument("--served-model-name", default=None, help="name(s) clients use, comma-separated")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: "
+                        "$PAGED_BACKEND_API_KEY, else none)")
+    s.add_argument("--allowed-origins", default=None, help="CORS: comma-separated origins (default: none)")
+    s.add_argument("--max-request-bytes", type=int, default=None, help="larger bodies get 413 (default 4 MiB)")
+    s.add_argument("--max-prompts-per-request", type=int, default=None,
+                   help="prompts in one /v1/completions request (default 256)")
+    s.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="requests accepted without a first token; beyond it 429 (default 1024)")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request is aborted (default: none)")
     s.set_defaults(func=cmd_serve)
 
     a = parser.parse_args(argv)

@@ -10,10 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from paged_backend.args import EngineArgs
-from paged_backend.chat import render_chat
-from paged_backend.engine.engine import Engine, EngineStats, coerce_params
+from paged_backend.engine.engine import Engine
+from paged_backend.engine.stats import EngineStats
+from paged_backend.params import coerce_params
 from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
+from paged_backend.prompts import PromptPreparer
 
 Prompt = Union[str, list[int]]
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
@@ -55,12 +57,20 @@ class LLM:
             quantization=quantization, kv_cache_dtype=kv_cache_dtype,
         )
         self._engine: Optional[Engine] = Engine(self.args)
+        self._prepare: Optional[PromptPreparer] = PromptPreparer(self._engine)
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("this LLM was shut down; create a new one")
         return self._engine
+
+    @property
+    def _prompts(self) -> PromptPreparer:
+        """Turns prompts and conversations into (text, token ids) as generate() and chat() do."""
+        if self._prepare is None:
+            raise RuntimeError("this LLM was shut down; create a new one")
+        return self._prepare
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -73,7 +83,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (str or token-id list); results in input order."""
-        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, prompt_texts=None)
+        return self._run([self._prompts.prompt(p) for p in _as_prompt_list(prompts)], sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -83,28 +93,25 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template: Optional[str] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        tokenizer's chat template."""
+        tokenizer's chat template. tools: function definitions for a template that takes them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs:
             raise ValueError("no conversation given")
-        rendered = [
-            render_chat(self.engine.tokenizer, c, add_generation_prompt, continue_final_message, chat_template)
-            for c in convs
-        ]
-        return self._run([ids for _, ids in rendered], sampling_params, use_tqdm, [t for t, _ in rendered])
+        rendered = [self._prompts.chat(c, add_generation_prompt, continue_final_message, chat_template, tools)
+                    for c in convs]
+        return self._run(rendered, sampling_params, use_tqdm)
 
-    def _run(self, prompts, sampling_params, use_tqdm, prompt_texts) -> list[RequestOutput]:
+    def _run(self, prompts: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
+        """prompts: (text or None, token ids) of each request."""
         engine = self.engine
-        params = _per_prompt_params(sampling_params, len(prompts))
+        params = per_prompt_params(sampling_params, len(prompts))
         ids: list[str] = []
         try:
-            for i, (p, sp) in enumerate(zip(prompts, params)):
-                req = engine.add_request(p, sp)
-                if prompt_texts is not None:
-                    req.prompt = prompt_texts[i]
-                ids.append(req.request_id)
+            for (text, p), sp in zip(prompts, params):
+                ids.append(engine.add_request(p, sp, prompt_text=text).request_id)
         except Exception:
             for rid in ids:  # leave the engine as it was: no half-submitted batch
                 engine.abort_request(rid)
@@ -141,7 +148,7 @@ class LLM:
         if self._engine is None:
             return
         self._engine.shutdown()
-        self._engine = None
+        self._engine = self._prepare = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -165,7 +172,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     raise TypeError(f"prompts must be a str, a list of str or token-id lists; got {type(prompts).__name__}")
 
 
-def _per_prompt_params(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
+def per_prompt_params(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
     if isinstance(sampling_params, (list, tuple)):
         if len(sampling_params) != n:
             raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts: give one, or one per prompt")

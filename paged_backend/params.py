@@ -31,7 +31,7 @@ class SamplingParams(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="per-request random stream; 0 <= seed < 2**63")
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="top-k logprobs per generated token")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -67,11 +67,18 @@ class SamplingParams(BaseModel):
         return self
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def coerce_params(params) -> SamplingParams:
+    """None, a SamplingParams or a dict of its fields -> SamplingParams."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        return SamplingParams(**params)
+    raise TypeError(f"sampling_params must be SamplingParams or a dict, got {type(params).__name__}")

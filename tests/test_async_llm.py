@@ -141,3 +141,170 @@ def test_idle_engine_uses_no_cpu(engine):
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert time.time() - t0 >= 2.0
     assert cpu < 0.05, f"idle engine burned {cpu:.3f} s of CPU in 2 s"
+
+
+def test_a_failing_step_fails_only_its_requests(model_dir):
+    """A request that breaks its step (parameters that skipped validation) ends with EngineDeadError;
+    a request streamed beside it but not in that step finishes normally."""
+    from paged_backend import EngineDeadError
+
+    bad = SamplingParams.model_construct(**{**PARAMS.model_dump(), "repetition_penalty": "x"})
+
+    async def run(llm):
+        async def consume(p, params):
+            outs = [o async for o in llm.generate(p, params)]
+            return outs[-1].outputs[0].token_ids
+
+        return await asyncio.gather(consume([5, 6, 7], bad), consume([8, 9, 10], PARAMS), return_exceptions=True)
+
+    with AsyncLLM(model_dir, dtype="float32", device="cpu", max_num_seqs=1) as llm:
+        failed, good = asyncio.run(run(llm))
+        assert isinstance(failed, EngineDeadError)
+        assert isinstance(good, list) and len(good) == PARAMS.max_tokens
+        assert llm.stats().num_blocks_used == 0
+
+
+# ---- several requests per call, blocking iterators, abort_all ------------------------------------
+def test_generate_many_yields_each_request_by_index(engine):
+    prompts = _prompts(5)
+    params = [SamplingParams(temperature=0, max_tokens=4 + i) for i in range(5)]
+
+    async def alone(p, sp):
+        async for out in engine.generate(p, sp):
+            pass
+        return out.outputs[0].token_ids
+
+    async def many():
+        finals, deltas = {}, {i: [] for i in range(5)}
+        async for i, out in engine.generate_many(prompts, params):
+            deltas[i] += out.outputs[0].token_ids_delta
+            if out.finished:
+                finals[i] = out
+        return finals, deltas
+
+    async def main():
+        return [await alone(p, sp) for p, sp in zip(prompts, params)], await many()
+
+    expected, (finals, deltas) = asyncio.run(main())
+    assert sorted(finals) == list(range(5))
+    for i in range(5):
+        assert finals[i].outputs[0].token_ids == expected[i] == deltas[i]
+        assert len(expected[i]) == 4 + i
+
+    # the blocking twins, called from a thread that runs an event loop (as in a notebook)
+    async def from_a_running_loop():
+        many = {i: out for i, out in engine.generate_many_sync(prompts, params) if out.finished}
+        chat = list(engine.chat_sync([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=3)))
+        return many, chat
+
+    many, chat = asyncio.run(from_a_running_loop())
+    assert [many[i].outputs[0].token_ids for i in range(5)] == expected
+    assert chat[-1].finished and chat[-1].prompt.startswith("<|im_start|>")  # the rendered conversation
+    assert engine.get_tokenizer()(chat[-1].prompt, add_special_tokens=False)["input_ids"] == chat[-1].prompt_token_ids
+
+
+def test_generate_many_checks_every_prompt_before_queueing_any(engine):
+    async def run(*args, **kwargs):
+        async for _ in engine.generate_many(*args, **kwargs):
+            pass
+
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    with pytest.raises(ValueError, match="empty"):
+        asyncio.run(run(["fine", "", "fine too"], long))
+    with pytest.raises(ValueError, match="max_model_len"):
+        asyncio.run(run(["fine", list(range(3, 3 + 600))], long))
+    with pytest.raises(ValueError, match="at most 2"):
+        asyncio.run(run(["a", "b", "c"], long, max_prompts=2))
+    with pytest.raises(ValueError, match="distinct"):
+        asyncio.run(run(["a", "b"], long, request_ids=["x", "x"]))
+    with pytest.raises(ValueError, match="one per prompt"):
+        list(engine.generate_many_sync(["a", "b"], [long]))
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == stats.num_blocks_used == 0
+
+
+def test_abort_all_and_closing_early_free_everything(engine):
+    long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+
+    async def main():
+        finals, aborted = {}, None
+        async for i, out in engine.generate_many(_prompts(4), long):
+            if aborted is None:
+                aborted = await engine.abort_all()
+            if out.finished:
+                finals[i] = out
+        return finals, aborted
+
+    finals, aborted = asyncio.run(main())
+    assert aborted == 4 and sorted(finals) == [0, 1, 2, 3]
+    assert all(f.outputs[0].finish_reason == "abort" for f in finals.values())
+    outputs = engine.generate_many_sync(_prompts(3), long)
+    next(outputs)
+    outputs.close()
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == stats.num_blocks_used == 0
+
+
+# ---- a huge prompt never stalls the other streams (issue 13, defect 3) ---------------------------
+def test_huge_prompts_do_not_stall_a_running_stream(engine):
+    """Tokenising ~10 MB took ~10 s under the engine lock, freezing every stream; now what cannot fit
+    is refused before tokenising (or counting ids), off the engine's thread."""
+    huge_text = "The quick brown fox jumps over the lazy dog. " * 230_000
+    huge_chat = [{"role": "user", "content": huge_text}]
+    huge_ids = [5] * 3_000_000
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+
+    async def stream(started: asyncio.Event):
+        times = []
+        async for out in engine.generate("Tell me a long story.", params):
+            times.append(time.perf_counter())
+            if len(times) == 5:
+                started.set()
+        return times
+
+    async def refused(make):
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError) as e:
+            async for _ in make():
+                pass
+        return time.perf_counter() - t0, str(e.value)
+
+    async def main():
+        started = asyncio.Event()
+        other = asyncio.create_task(stream(started))
+        await started.wait()
+        t_submit = time.perf_counter()
+        results = await asyncio.gather(
+            refused(lambda: engine.generate(huge_text, params)),
+            refused(lambda: engine.chat(huge_chat, params)),
+            refused(lambda: engine.generate(huge_ids, params)),
+        )
+        return t_submit, results, await other
+
+    t_submit, results, times = asyncio.run(main())
+    (t_text, e_text), (t_chat, e_chat), (t_ids, e_ids) = results
+    assert "characters" in e_text and "characters" in e_chat and "3000000 tokens" in e_ids
+    assert max(t_text, t_chat, t_ids) < 2.0, results
+    gaps = [b - a for a, b in zip(times, times[1:]) if b > t_submit]
+    assert len(times) == 120 and gaps
+    assert max(gaps) < 2.0, f"the running stream stalled {max(gaps):.2f} s while huge prompts were refused"
+
+
+def test_character_bound_never_refuses_a_prompt_that_fits(engine):
+    """SmolLM2's longest token is a newline and 80 spaces (81 characters): a prompt of such tokens up to
+    max_model_len - 1 fits and is served; one character more than 81 per position is refused untokenised."""
+    tok = engine.get_tokenizer()
+    piece = max((tok.convert_tokens_to_string([t]) for t in tok.get_vocab()), key=len)
+    max_len = engine.engine.max_model_len
+    fitting = piece * (max_len - 1)
+    assert len(tok.encode(fitting)) == max_len - 1
+
+    async def run(prompt):
+        async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=1)):
+            pass
+        return out
+
+    out = asyncio.run(run(fitting))
+    assert out.finished and len(out.prompt_token_ids) == max_len - 1
+    with pytest.raises(ValueError, match="characters"):
+        asyncio.run(run(piece * max_len + " "))

@@ -4,13 +4,7 @@ official `openai` client (and httpx for what the client does not expose)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,77 +12,8 @@ bentoml = pytest.importorskip("bentoml")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-REPO = Path(__file__).resolve().parents[1]
-SERVICE = "paged_backend.adapters.bentoml:PagedLLMService"
-STARTUP_TIMEOUT_S = 180
-REQUEST_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve` in its own process group; stopped by its PID (group) in `stop()`."""
-
-    def __init__(self, tmp: Path, name: str, args: dict[str, str]):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"{name}.log"
-        home = tmp / "bentoml-home"
-        home.mkdir(exist_ok=True)
-        env = dict(os.environ)
-        env.update(
-            BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", TOKENIZERS_PARALLELISM="false",
-            PAGED_BACKEND_TEST_THREADS=os.environ.get("PAGED_BACKEND_TEST_THREADS", "1"),
-            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        )
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in args.items():
-            cmd += ["--arg", f"{k}={v}"]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
-
-    def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"bentoml serve was not ready within {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-
-    def client(self, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
-                             timeout=REQUEST_TIMEOUT_S, **kw)
-
-    def async_client(self) -> "openai.AsyncOpenAI":
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
-                                  timeout=REQUEST_TIMEOUT_S)
-
-    def stats(self) -> dict:
-        r = httpx.get(f"{self.url}/stats", timeout=10)
-        r.raise_for_status()
-        return r.json()
+from service_server import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, Server  # noqa: E402
+from service_server import wait_idle as _wait_idle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +42,6 @@ def tiny(servers) -> Server:
 @pytest.fixture(scope="module")
 def smollm(servers) -> Server:
     return servers["smollm"]
-
-
-def _wait_idle(server: Server, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = server.stats()
-        if st["num_blocks_used"] == 0 and st["num_running"] == 0 and st["num_waiting"] == 0:
-            return st
-        if time.monotonic() > deadline:
-            pytest.fail(f"requests still hold KV blocks {timeout} s later: {st}")
-        time.sleep(0.1)
 
 
 HI = [{"role": "user", "content": "Say hi to the test suite."}]

@@ -79,9 +79,9 @@ def test_steps_are_pipelined_and_ends_are_exact(llm):
     req = engine.add_request(_ids(20, 7), SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[stop_at]))
     seq = req.seqs[0]
     assert engine.step() == []  # prefill launched, its token still on the device
-    assert seq.num_pending_tokens == 1 and seq.num_output_tokens == 0
+    assert seq.pending is not None and seq.num_output_tokens == 0
     engine.step()  # the next decode step is launched first, then the first token is read back
-    assert seq.num_output_tokens == 1 and seq.num_pending_tokens == 1
+    assert seq.num_output_tokens == 1 and seq.pending is not None
     finals = []
     while engine.has_unfinished_requests():
         finals += [o for o in engine.step() if o.finished]
@@ -135,6 +135,10 @@ BAD = [
     ("hi", dict(stop=5), "stop"),
     ("hi", dict(stop=["ok", 3]), "stop"),
     ([10**9], None, "token ids"),
+    ("hi", dict(seed=2**64 - 1, n=2, temperature=1.0), "seed"),
+    ("hi", dict(seed=-1), "seed"),
+    ("a lone surrogate \ud800 here", None, "prompt is not valid Unicode"),
+    ("x" * 10**7, None, "characters"),  # refused before tokenising it
 ]
 
 
@@ -148,10 +152,56 @@ def test_bad_input_raises_clearly_and_llm_keeps_working(llm, prompt, params, wor
     assert ok[0].finished and ok[0].outputs[0].token_ids
 
 
+def test_largest_seed_with_n_siblings_runs(llm):
+    """seed + index would pass 2**63: sibling seeds wrap instead of overflowing the generator."""
+    p = SamplingParams(seed=2**63 - 1, n=3, temperature=1.0, max_tokens=4, ignore_eos=True)
+    out = llm.generate([_ids(5, 2)], p, use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+    assert out.outputs == llm.generate([_ids(5, 2)], p, use_tqdm=False)[0].outputs  # seeded: reproducible
+
+
+def test_prompt_text_is_reported_for_token_ids(llm):
+    req = llm.engine.add_request(_ids(4, 3), SamplingParams(max_tokens=2), prompt_text="the rendered text")
+    outs = []
+    while llm.engine.has_unfinished_requests():
+        outs += llm.engine.step()
+    assert outs[-1].request_id == req.request_id and outs[-1].prompt == "the rendered text"
+
+
+def test_a_failing_step_fails_only_its_requests(tiny_model_dir):
+    """A request whose parameters skipped validation (model_construct) breaks the sampler inside a
+    step: exactly the requests of that step are aborted and named; a request that was not in it
+    keeps going, and no block leaks."""
+    from paged_backend.engine.engine import StepFailed
+
+    with LLM(str(tiny_model_dir("llama")), dtype="float32", device="cpu", max_num_seqs=1) as llm:
+        engine = llm.engine
+        expected = llm.generate([_ids(6, 5)], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+        bad = SamplingParams.model_construct(**{**SamplingParams().model_dump(), "repetition_penalty": "x"})
+        engine.add_request(_ids(6, 4), bad, request_id="bad")
+        engine.add_request(_ids(6, 5), SamplingParams(temperature=0, max_tokens=6), request_id="good")
+        with pytest.raises(StepFailed) as e:
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert e.value.request_ids == ["bad"] and "bad" not in engine.requests
+        finals = []
+        while engine.has_unfinished_requests():
+            finals += [o for o in engine.step() if o.finished]
+        assert [o.request_id for o in finals] == ["good"]
+        assert finals[0].outputs[0].token_ids == expected.outputs[0].token_ids
+        assert llm.stats().num_blocks_used == 0
+
+
 def test_bad_batch_leaves_no_half_submitted_requests(llm):
     with pytest.raises(ValueError):
         llm.generate(["fine", "", "fine too"], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_output_carries_the_rendered_prompt(llm):
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("<|im_start|>assistant\n")
+    assert llm.get_tokenizer()(out.prompt, add_special_tokens=False)["input_ids"] == out.prompt_token_ids
 
 
 @pytest.mark.parametrize(

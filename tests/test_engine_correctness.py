@@ -72,6 +72,18 @@ def test_greedy_matches_transformers_in_every_mode(kind, tiny_model_dir):
                 assert stats.num_steps > MAX_NEW + 4  # long prompts took several steps each
 
 
+def test_lone_prompt_longer_than_the_step_budget(tiny_model_dir):
+    """A prompt over max_num_batched_tokens runs alone in chunks: the steps that complete no prompt
+    sample nothing (they used to crash the step), and the tokens match transformers."""
+    model_dir = tiny_model_dir("llama")
+    prompt = _prompts(49152, seed=7)[-1] * 2  # 190 tokens, 12 chunks of 16
+    expected = hf_greedy(model_dir, [prompt], 8)
+    with LLM(str(model_dir), dtype="float32", device="cpu", max_num_batched_tokens=16) as llm:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == expected[0]
+        assert llm.stats().num_steps >= 12 + 7 and llm.stats().num_blocks_used == 0
+
+
 def test_smollm2_gguf_greedy_matches_transformers():
     """The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): our engine vs transformers on
     the same dequantized weights."""

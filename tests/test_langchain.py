@@ -4,7 +4,9 @@ ChatPagedBackend on the bundled SmolLM2 (chat template, streaming, usage)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
+import threading
 import time
 
 import pytest
@@ -212,6 +214,55 @@ def test_engine_sharing_and_construction(tiny, tiny_dir):
     assert isinstance(tiny.async_engine, AsyncLLM)
     with pytest.raises(TypeError, match="AsyncLLM"):  # the offline LLM cannot stream
         PagedBackendLLM(engine=LLM.__new__(LLM))
+
+
+def _engine_threads() -> int:
+    return sum(t.name == "paged-backend-engine" for t in threading.enumerate())
+
+
+def test_adapters_share_one_engine_per_engine_arguments_and_free_it(tiny_dir):
+    """Issue 13, defect 5: every adapter used to start its own engine and thread, never freed."""
+    small = dict(CPU, kv_cache_memory=2**24)
+    before = _engine_threads()
+    a = PagedBackendLLM(model=tiny_dir, **small, max_tokens=3, ignore_eos=True)
+    b = ChatPagedBackend(model=tiny_dir, **small, temperature=0)  # other sampling defaults: same engine
+    c = PagedBackendLLM(model=tiny_dir, **small, engine_seed=1, enforce_eager=True)  # other engine arguments
+    assert a.async_engine is b.async_engine and c.async_engine is not a.async_engine
+    assert (c.async_engine.args.seed, c.async_engine.args.enforce_eager) == (1, True)
+    assert _engine_threads() == before + 2
+    with pytest.raises(ValueError, match="top_p"):  # sampling fields are validated as SamplingParams'
+        PagedBackendLLM(model=tiny_dir, **small, top_p=1.5)
+    assert _engine_threads() == before + 2
+
+    copy = a.model_copy(update={"max_tokens": 2})  # a copy holds the engine as the original does
+    shared = a.async_engine
+    del a
+    gc.collect()
+    assert copy.generate(["Hello"]).generations[0][0].generation_info["completion_tokens"] == 2
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.invoke("Hello")
+    assert _engine_threads() == before + 2 and not shared._stopping
+    del copy
+    gc.collect()
+    assert shared._stopping and _engine_threads() == before + 1
+    c.close()
+    assert _engine_threads() == before
+
+
+def test_model_call_argument_names_the_served_model(tiny):
+    assert tiny.invoke("Hello", model=tiny.model, max_tokens=2) == tiny.invoke("Hello", max_tokens=2)
+    with pytest.raises(ValueError, match="serves"):
+        tiny.invoke("Hello", model="some-other-model")
+
+
+def test_prompts_per_call_limit(tiny):
+    limited = PagedBackendLLM.from_engine(tiny.async_engine, max_prompts_per_call=2, max_tokens=2)
+    assert len(limited.generate(["a", "b"]).generations) == 2
+    with pytest.raises(ValueError, match="at most 2"):
+        limited.generate(["a", "b", "c"])
+    with pytest.raises(ValueError, match="at most 2"):
+        asyncio.run(limited.agenerate(["a", "b", "c"]))
 
 
 # ---- ChatPagedBackend on SmolLM2-135M-Instruct ---------------------------------------------------

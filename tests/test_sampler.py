@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paged_backend.layers.sampler import Sampler, SamplingRow, sampling_probs
+from paged_backend.runtime.sampler import Sampler, SamplingRow, sampling_probs
 from paged_backend.params import SamplingParams
 
 # Distinct values, some negative (repetition penalty multiplies those), no ties.
@@ -66,9 +66,9 @@ def reference_probs(logits, params: SamplingParams, prompt, output, eos=frozense
     return np.array(_softmax(x))
 
 
-def row(params, prompt=PROMPT, output=OUTPUT, eos=EOS, generator=None) -> SamplingRow:
+def row(params, prompt=PROMPT, output=OUTPUT, eos=EOS, seed=None, key=0) -> SamplingRow:
     return SamplingRow(params=params, prompt_token_ids=list(prompt), output_token_ids=list(output),
-                       generator=generator, eos_token_ids=set(eos))
+                       seed=seed, eos_token_ids=set(eos), key=key)
 
 
 def ours(params_list, logits=None, **kw) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_repetition_penalty_direction():
     p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
     logits = torch.tensor([[3.0, 2.0, -1.0, -0.6]])
     # token 0 seen: 3 -> 1.5 < 2 so greedy picks 1; token 2 seen: -1 -> -2 stays below 3's -0.6
-    r = SamplingRow(params=p, prompt_token_ids=[0, 2], output_token_ids=[], generator=None, eos_token_ids=set())
+    r = SamplingRow(params=p, prompt_token_ids=[0, 2], output_token_ids=[], seed=None, eos_token_ids=set())
     assert Sampler()(logits, [r]).token_ids == [1]
     probs = sampling_probs(logits, [SamplingRow(SamplingParams(repetition_penalty=2.0), [0, 2], [], None, set())])
     np.testing.assert_allclose(probs[0].numpy(), _softmax([1.5, 2.0, -2.0, -0.6]), atol=1e-6)
@@ -174,9 +174,9 @@ def test_logprobs_are_raw_and_topk_contains_sampled():
 
 def _frequencies(params, n, seeded=False):
     logits = torch.tensor([BASE] * n)
-    gens = [torch.Generator().manual_seed(1000 + i) if seeded else None for i in range(n)]
+    seeds = [1000 + i if seeded else None for i in range(n)]
     torch.manual_seed(0)
-    out = Sampler()(logits, [row(params, generator=g) for g in gens])
+    out = Sampler()(logits, [row(params, seed=s, key=i) for i, s in enumerate(seeds)])
     return np.bincount(out.token_ids, minlength=V) / n
 
 
@@ -197,20 +197,19 @@ def _run_steps(batches, steps=6, vocab=500):
     """batches: per step, a list of (name, params, seed|None). Returns tokens per named sequence."""
     g = torch.Generator().manual_seed(123)
     base_logits = torch.randn(vocab, generator=g) * 0.5
-    state: dict[str, tuple[list[int], torch.Generator | None]] = {}
+    state: dict[str, list[int]] = {}
+    sampler = Sampler()  # keeps each seeded sequence's generator by key across steps
     for step in range(steps):
         entries = batches(step)
         rows, names = [], []
         for name, params, seed in entries:
-            if name not in state:
-                state[name] = ([], torch.Generator().manual_seed(seed) if seed is not None else None)
-            out, gen = state[name]
-            rows.append(SamplingRow(params, [1, 2, 3], list(out), gen, {0}))
+            out = state.setdefault(name, [])
+            rows.append(SamplingRow(params, [1, 2, 3], list(out), seed, {0}, key=hash(name)))
             names.append(name)
         logits = base_logits.repeat(len(rows), 1)
-        for name, tok in zip(names, Sampler()(logits, rows).token_ids):
-            state[name][0].append(tok)
-    return {k: v[0] for k, v in state.items()}
+        for name, tok in zip(names, sampler(logits, rows).token_ids):
+            state[name].append(tok)
+    return state
 
 
 def test_seeded_sampling_independent_of_batch():

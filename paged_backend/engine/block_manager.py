@@ -13,6 +13,8 @@ cache has ~10^5 blocks, and that many live objects made each of Python's full ga
 Each sequence's block table is also mirrored into one row of `table_array` (written here, where
 the tables change), so the runner gathers a step's tables with one numpy index instead of
 rebuilding hundreds of Python lists every step.
+
+It never writes a sequence's num_computed_tokens: a prefix hit is reported to the scheduler.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import OrderedDict
 import numpy as np
 
 from paged_backend.engine.sequence import Sequence
+from paged_backend.runtime.step_input import table_width
 
 
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -73,8 +76,8 @@ class BlockManager:
                 rows *= 2
             seq.table_row = self._free_rows.pop()
             start = 0
-        if len(seq.block_table) > width:  # (widths stay multiples of 16: see the runner)
-            width = max(2 * width, -(-len(seq.block_table) // 16) * 16)
+        if len(seq.block_table) > width:
+            width = max(2 * width, table_width(len(seq.block_table) * self.block_size, self.block_size))
         if self.table_array.shape != (rows, width):
             grown = np.zeros((rows, width), dtype=np.int32)
             grown[: self.table_array.shape[0], : self.table_array.shape[1]] = self.table_array
@@ -122,11 +125,11 @@ class BlockManager:
             parent = h
         return hits
 
-    def allocate_new(self, seq: Sequence, max_new_tokens: int) -> int | None:
+    def allocate_new(self, seq: Sequence, max_new_tokens: int) -> tuple[int, int] | None:
         """First allocation for a sequence with no blocks: take cached prefix blocks, then new
-        blocks for up to max_new_tokens more tokens. Returns the number of tokens to compute this
-        step (>= 1), or None (nothing taken) when the blocks are not there."""
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        blocks for up to max_new_tokens more tokens. Returns (tokens the prefix hit covers, tokens to
+        compute this step (>= 1)), or None (nothing taken) when the blocks are not there."""
+        assert not seq.block_table
         hits = self._cached_prefix(seq)
         num_cached = len(hits) * self.block_size
         num_new = min(max_new_tokens, seq.num_tokens - num_cached)
@@ -138,12 +141,11 @@ class BlockManager:
             self._ref(b)
         seq.block_table = hits + [self._take_free() for _ in range(needed)]
         self._sync_table(seq, 0)
-        seq.num_computed_tokens = num_cached
         seq.num_hashed_blocks = len(hits)
         if self.enable_prefix_caching:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += num_cached
-        return num_new
+        return num_cached, num_new
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for num_new_tokens more tokens after seq's computed ones (copy-on-write the
@@ -174,7 +176,6 @@ class BlockManager:
             self._ref(b)
         child.block_table = list(parent.block_table)
         self._sync_table(child, 0)
-        child.num_computed_tokens = parent.num_computed_tokens
         child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free_seq(self, seq: Sequence) -> None:
@@ -185,7 +186,6 @@ class BlockManager:
         if seq.table_row >= 0:
             self._free_rows.append(seq.table_row)
             seq.table_row = -1
-        seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -210,11 +210,6 @@ class BlockManager:
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in self.hash_to_block.values():
-            self.hashes[block_id], self.block_tokens[block_id] = None, ()
-        self.hash_to_block.clear()
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
         """Reference counts equal the number of live block-table entries; free list == ref 0."""

@@ -8,9 +8,22 @@ a token that ends inside a multi-byte character waits until the character is com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from paged_backend.engine.sequence import Sequence
 
 _PROMPT_CONTEXT_TOKENS = 5
+
+
+@dataclass
+class DecodeState:
+    """One sequence's text so far and where decoding and streaming stand (written only here)."""
+
+    prefix_offset: int
+    read_offset: int
+    text: str = ""
+    emitted_text_len: int = 0  # characters already handed out as deltas
+    emitted_token_len: int = 0
 
 
 class Detokenizer:
@@ -23,8 +36,7 @@ class Detokenizer:
 
     def start(self, seq: Sequence) -> None:
         n = seq.num_prompt_tokens
-        seq.prefix_offset = max(0, n - _PROMPT_CONTEXT_TOKENS)
-        seq.read_offset = n
+        seq.detok = DecodeState(prefix_offset=max(0, n - _PROMPT_CONTEXT_TOKENS), read_offset=n)
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self._backend is None:
@@ -35,42 +47,42 @@ class Detokenizer:
     def update(self, seq: Sequence) -> str | None:
         """Decode seq's newest tokens into seq.text. Returns the stop string that ends seq, if any."""
         skip = seq.params.skip_special_tokens
-        ids = seq.token_ids
-        prefix_text = self._decode(ids[seq.prefix_offset : seq.read_offset], skip)
-        new_text = self._decode(ids[seq.prefix_offset :], skip)
-        old_len = len(seq.text)
+        ids, st = seq.token_ids, seq.detok
+        prefix_text = self._decode(ids[st.prefix_offset : st.read_offset], skip)
+        new_text = self._decode(ids[st.prefix_offset :], skip)
+        old_len = len(st.text)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            seq.text += new_text[len(prefix_text) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            st.text += new_text[len(prefix_text) :]
+            st.prefix_offset, st.read_offset = st.read_offset, len(ids)
         return self._check_stop(seq, old_len)
 
     def _check_stop(self, seq: Sequence, old_len: int) -> str | None:
-        params = seq.params
+        params, st = seq.params, seq.detok
         stops = params.stop_strings
-        if not stops or len(seq.text) == old_len or seq.num_output_tokens < params.min_tokens:
+        if not stops or len(st.text) == old_len or seq.num_output_tokens < params.min_tokens:
             return None
         longest = max(len(s) for s in stops)
         search_from = max(0, old_len - longest + 1)
         best: tuple[int, str] | None = None
         for s in stops:
-            idx = seq.text.find(s, search_from)
+            idx = st.text.find(s, search_from)
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, s)
         if best is None:
             return None
         idx, s = best
-        seq.text = seq.text[: idx + len(s)] if params.include_stop_str_in_output else seq.text[:idx]
+        st.text = st.text[: idx + len(s)] if params.include_stop_str_in_output else st.text[:idx]
         return s
 
     @staticmethod
     def take_delta(seq: Sequence) -> tuple[str, list[int]]:
         """Text and token ids produced since the last call. While seq runs, the last characters
         that could still turn out to start a stop string are held back."""
-        stops = seq.params.stop_strings
+        stops, st = seq.params.stop_strings, seq.detok
         hold = 0 if seq.finished or not stops else max(len(s) for s in stops) - 1
-        end = max(seq.emitted_text_len, len(seq.text) - hold)
-        text = seq.text[seq.emitted_text_len : end]
-        seq.emitted_text_len = end
-        ids = seq.token_ids[seq.num_prompt_tokens + seq.emitted_token_len :]
-        seq.emitted_token_len = seq.num_output_tokens
+        end = max(st.emitted_text_len, len(st.text) - hold)
+        text = st.text[st.emitted_text_len : end]
+        st.emitted_text_len = end
+        ids = seq.token_ids[seq.num_prompt_tokens + st.emitted_token_len :]
+        st.emitted_token_len = seq.num_output_tokens
         return text, ids

@@ -10,56 +10,51 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq, Union
-
-import torch
+from typing import Callable, Optional, TypeVar, Union
 
 from paged_backend.args import EngineArgs
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.detokenizer import Detokenizer
 from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
-from paged_backend.engine.sequence import Request, Sequence
-from paged_backend.engine.setup import EngineSetup, build_engine_parts
-from paged_backend.layers.sampler import SampledTokens, Sampler, SamplingRow
+from paged_backend.engine.sequence import PendingToken, Request, Sequence
+from paged_backend.runtime.setup import EngineSetup, build_engine_parts
+from paged_backend.engine.stats import EngineStats
+from paged_backend.engine.step_builder import build_step_input, with_sampling
 from paged_backend.outputs import CompletionOutput, RequestOutput
-from paged_backend.params import SamplingParams
-from paged_backend.runtime.transfer import to_device
+from paged_backend.params import SamplingParams, coerce_params
+from paged_backend.runtime.sampling_row import SamplingRow
 
 logger = logging.getLogger("paged_backend")
 
 PromptInput = Union[str, list[int]]
+_T = TypeVar("_T")
+_SEED_MOD = 2**63  # SamplingParams bounds seed below this; siblings' seeds wrap instead of overflowing
+
+
+class StepFailed(RuntimeError):
+    """A step failed for some requests: they were aborted (blocks freed); the engine goes on.
+
+    `request_ids` are exactly those requests; `outputs` what the step produced for the others."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException, outputs: list[RequestOutput]):
+        super().__init__(f"the engine step failed for request(s) {request_ids}: {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+        self.outputs = outputs
 
 
 @dataclass
-class _Batch:
-    """A launched batch: the sequences of its sampled rows, in row order, and their samples."""
+class _LaunchedStep:
+    """A launched step: the sequences of its sampled rows, in row order, and their samples (None
+    when no sequence completed its known tokens: only prompt chunks ran)."""
 
+    step: int
     row_seqs: list[Sequence]
-    sampled: SampledTokens
-    overlappable: bool  # no row's sampling reads the token history: the next batch may go first
+    sampled: object  # the runner's SampledTokens: `.resolve()` waits for the host copy
+    overlappable: bool  # no row's sampling reads the token history: the next step may go first
 
-
-@dataclass
-class EngineStats:
-    num_blocks_total: int
-    num_blocks_used: int
-    num_blocks_free: int
-    num_blocks_cached: int
-    num_running: int
-    num_waiting: int
-    kv_slots_allocated: int  # slots in blocks that are in use
-    kv_slots_holding_tokens: int  # of which hold a computed token (allocated - holding = waste)
-    prefix_cache_hit_rate: float
-    prefix_cache_hit_tokens: int
-    num_preemptions: int
-    num_steps: int
-    max_seqs_in_step: int  # the largest batch one forward pass has carried
-    total_prompt_tokens: int
-    total_generated_tokens: int
-    quantization: Optional[str] = None  # "fp8": float8_e4m3fn linear weights
-    kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
-    weight_bytes: int = 0  # model parameters as stored
-    kv_bytes_per_token: int = 0  # K and V of one token, all layers
+    def request_ids(self) -> list[str]:
+        return list(dict.fromkeys(seq.request.request_id for seq in self.row_seqs))
 
 
 class Engine:
@@ -82,7 +77,6 @@ class Engine:
         )
         self.block_manager = BlockManager(parts.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, parts.max_num_batched_tokens)
-        self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
@@ -90,13 +84,23 @@ class Engine:
         self.max_seqs_in_step = 0
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
-        self._in_flight: Optional[_Batch] = None  # launched, its tokens not read back yet
+        self.num_preemptions = 0
+        self._in_flight: Optional[_LaunchedStep] = None  # launched, its tokens not read back yet
+        self._released_seeds: list[int] = []  # seeded sequences that ended since the last launch
+        self._failures: list[tuple[list[str], BaseException]] = []  # of the current step
 
     # ---- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"prompt is not valid Unicode text: {e.reason} at character {e.start} "
+                    f"({prompt[e.start:e.end]!r}); send UTF-8 text (no lone surrogates)"
+                ) from None
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)):
             ids = list(prompt)
@@ -113,9 +117,15 @@ class Engine:
         prompt: PromptInput,
         params: Optional[SamplingParams] = None,
         request_id: Optional[str] = None,
+        *,
+        prompt_text: Optional[str] = None,
     ) -> Request:
+        """Validate and queue one request. prompt_text: the text to report as the prompt when
+        token ids are given (e.g. a rendered chat template)."""
         params = coerce_params(params)
         text, ids = self.tokenize(prompt)
+        if prompt_text is not None:
+            text = prompt_text
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; the prompt "
@@ -129,18 +139,13 @@ class Engine:
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params)
-        seq = Sequence(req, 0, list(ids), generator=self._generator(params, 0), pending_forks=params.n - 1)
+        seq = Sequence(req, 0, list(ids), seed=_sibling_seed(params, 0), pending_forks=params.n - 1)
         self.detokenizer.start(seq)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         self.total_prompt_tokens += len(ids)
         return req
-
-    def _generator(self, params: SamplingParams, index: int) -> Optional[torch.Generator]:
-        if params.seed is None:
-            return None
-        return torch.Generator(device=self.device).manual_seed(params.seed + index)
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Stop a request wherever it is and free its blocks. Returns its final output."""
@@ -149,7 +154,7 @@ class Engine:
             return None
         for seq in req.seqs:
             if not seq.finished:
-                self.scheduler.finish(seq)
+                self._release(seq)
                 seq.finish_reason = "abort"
         req.seqs[0].pending_forks = 0
         req.metrics.finished_time = time.time()
@@ -160,40 +165,67 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
-        """Launch one batch, then post-process the previous one while the GPU runs this one.
+        """Launch one step, then post-process the previous one while the GPU runs this one.
 
-        Returns the outputs of the requests the previous batch advanced (only the finished ones
+        Returns the outputs of the requests the previous step advanced (only the finished ones
         when emit_unfinished is False: the offline API needs nothing else). A sequence sampled in
-        batch N takes part in batch N+1 before the host has read its token: the token goes from
+        step N takes part in step N+1 before the host has read its token: the token goes from
         the sampler's output straight into N+1's inputs on the device. If its token ends it, the
-        extra position computed for it is dropped. Batches whose sampling reads the token history
+        extra position computed for it is dropped. Steps whose sampling reads the token history
         (penalties, min_tokens) are post-processed before the next one is scheduled.
+
+        When launching or post-processing a step raises, exactly the requests of that step are
+        aborted and StepFailed names them (after the rest of this step has run).
         """
         outputs: list[RequestOutput] = []
+        self._failures = []
         if self._in_flight is not None and not self._in_flight.overlappable:
-            outputs += self._finish_batch(self._in_flight, emit_unfinished)
-            self._in_flight = None
+            done, self._in_flight = self._in_flight, None
+            outputs += self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished)
         sched = self.scheduler.schedule()
-        launched = self._launch(sched) if sched.scheduled else None
+        self.num_preemptions += sched.num_preempted
+        launched = None
+        if sched.scheduled:
+            ids = list(dict.fromkeys(s.seq.request.request_id for s in sched.scheduled))
+            launched = self._guarded(ids, None, self._launch, sched)
         if self._in_flight is not None:
-            outputs += self._finish_batch(self._in_flight, emit_unfinished)
-        elif launched is None and self.scheduler.has_work():
+            done = self._in_flight
+            outputs += self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished)
+        elif launched is None and not sched.scheduled and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
         self._in_flight = launched
+        if self._failures:
+            failed = [rid for ids, _ in self._failures for rid in ids]
+            raise StepFailed(list(dict.fromkeys(failed)), self._failures[0][1], outputs)
         return outputs
 
-    def _launch(self, sched: SchedulerOutput) -> _Batch:
+    def _guarded(self, request_ids: list[str], default: _T, fn: Callable[..., _T], *args) -> _T:
+        """fn(*args); if it raises, abort request_ids (freeing their blocks) and note the failure."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            logger.exception("engine step failed for request(s) %s", request_ids)
+            for rid in request_ids:
+                self.abort_request(rid)
+            self._failures.append((request_ids, e))
+            return default
+
+    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep:
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(sched.scheduled))
-        prev = self._in_flight.sampled.token_ids if self._in_flight is not None else None
-        logits = self.runner.execute(sched, prev)
+        step = build_step_input(sched, self.block_manager.table_array, self.block_manager.block_size)
 
         rows: list[SamplingRow] = []
         row_seqs: list[Sequence] = []
-        logit_index: list[int] = []
+        sample_from: list[int] = []
         num_logit_rows = 0
+        now = time.time()
         for s in sched.scheduled:
             seq = s.seq
+            req = seq.request
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.num_cached_tokens = seq.num_computed_tokens
             completes = s.completes_prompt
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
@@ -202,25 +234,26 @@ class Engine:
             for member in self._fork(seq):  # forked siblings sample from the same logits row
                 rows.append(self._sampling_row(member))
                 row_seqs.append(member)
-                logit_index.append(num_logit_rows)
+                sample_from.append(num_logit_rows)
             num_logit_rows += 1
-        if len(logit_index) != num_logit_rows:
-            logits = logits.index_select(0, to_device(logit_index, torch.int64, logits.device))
-        sampled = self.sampler.sample(logits, rows)
+        released, self._released_seeds = self._released_seeds, []
+        sampled = self.runner.execute(with_sampling(step, rows, sample_from, released))
         for k, seq in enumerate(row_seqs):
-            seq.num_pending_tokens += 1
-            seq.pending_row = k
-            seq.pending_is_last = self._at_length_limit(seq, seq.num_total_tokens)
+            # every token it knows of is computed now; the one just sampled is the next
+            seq.pending = PendingToken(self.num_steps, k, self._at_length_limit(seq, seq.num_computed_tokens + 1))
         overlappable = not any(_reads_history(r.params) for r in rows)
-        return _Batch(row_seqs, sampled, overlappable)
+        return _LaunchedStep(self.num_steps, row_seqs, sampled, overlappable)
 
-    def _finish_batch(self, batch: _Batch, emit_unfinished: bool) -> list[RequestOutput]:
-        """Read a launched batch's tokens back and post-process them (stops, text, outputs)."""
-        out = batch.sampled.resolve()
+    def _finish(self, launched: _LaunchedStep, emit_unfinished: bool) -> list[RequestOutput]:
+        """Read a launched step's tokens back and post-process them (stops, text, outputs)."""
+        if launched.sampled is None:
+            return []
+        out = launched.sampled.resolve()
         now = time.time()
         touched: dict[str, Request] = {}
-        for k, seq in enumerate(batch.row_seqs):
-            seq.num_pending_tokens -= 1
+        for k, seq in enumerate(launched.row_seqs):
+            if seq.pending is not None and seq.pending.step == launched.step:
+                seq.pending = None  # (a later step may already have sampled its next token)
             if seq.finished:  # stopped by an earlier token, or aborted: this one is dropped
                 continue
             self._append_token(seq, out.token_ids[k], out.logprobs[k], out.top_logprobs[k], now)
@@ -243,10 +276,9 @@ class Engine:
         req = seq.request
         members = [seq]
         for index in range(1, seq.pending_forks + 1):
-            child = Sequence(req, index, list(seq.token_ids), generator=self._generator(req.params, index))
+            child = Sequence(req, index, list(seq.token_ids), seed=_sibling_seed(req.params, index))
             self.detokenizer.start(child)
-            self.block_manager.fork(seq, child)
-            self.scheduler.add_running(child)
+            self.scheduler.add_forked(seq, child)
             req.seqs.append(child)
             members.append(child)
         seq.pending_forks = 0
@@ -260,8 +292,9 @@ class Engine:
             params=seq.params,
             prompt_token_ids=seq.request.prompt_token_ids,
             output_token_ids=seq.output_token_ids if history else [],
-            generator=seq.generator,
+            seed=seq.seed,
             eos_token_ids=self.eos_token_ids,
+            key=seq.seq_id,
         )
         if not history:
             seq.sampling_row = row
@@ -306,7 +339,13 @@ class Engine:
 
     def _finish_seq(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free seq's blocks and slot; its random stream goes with the next launch."""
         self.scheduler.finish(seq)
+        if seq.seed is not None:
+            self._released_seeds.append(seq.seq_id)
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
         # model_construct: the engine's own, already valid data; validation would cost more than
@@ -358,16 +397,13 @@ class Engine:
             kv_slots_holding_tokens=sum(filled.values()),
             prefix_cache_hit_rate=bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
             prefix_cache_hit_tokens=bm.prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions,
+            num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
             max_seqs_in_step=self.max_seqs_in_step,
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
             **self._memory_stats,
         )
-
-    def all_sequences(self) -> list[Sequence]:
-        return [s for r in self.requests.values() for s in r.seqs if not s.finished]
 
     def shutdown(self) -> None:
         for rid in list(self.requests):
@@ -381,11 +417,6 @@ def _reads_history(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty or p.min_tokens)
 
 
-def coerce_params(params) -> SamplingParams:
-    if params is None:
-        return SamplingParams()
-    if isinstance(params, SamplingParams):
-        return params
-    if isinstance(params, dict):
-        return SamplingParams(**params)
-    raise TypeError(f"sampling_params must be SamplingParams or a dict, got {type(params).__name__}")
+def _sibling_seed(params: SamplingParams, index: int) -> Optional[int]:
+    """Completion `index`'s seed: seed + index, wrapping so that it stays a valid seed."""
+    return None if params.seed is None else (params.seed + index) % _SEED_MOD

@@ -10,11 +10,8 @@ cache).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
-
-import numpy as np
 
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.sequence import Sequence, SequenceStatus
@@ -36,7 +33,6 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     block_copies: list[tuple[int, int]]  # copy-on-write (src, dst) to run before the forward
     num_preempted: int
-    block_tables: np.ndarray  # the block manager's table array; row seq.table_row is seq's table
 
     @property
     def num_tokens(self) -> int:
@@ -50,16 +46,17 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sibling that already shares its parent's computed blocks."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def add_forked(self, parent: Sequence, child: Sequence) -> None:
+        """A sibling forked off parent: it shares parent's computed blocks and runs at once."""
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -73,7 +70,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.pending_is_last:  # its last token is still on the device: nothing more to compute
+            if seq.pending is not None and seq.pending.is_last:  # its last token is still on the device: nothing more to compute
                 i += 1
                 continue
             num_new = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
@@ -93,30 +90,27 @@ class Scheduler:
         slots_used = sum(1 + s.pending_forks for s in self.running)
         while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
-            if slots_used + 1 + seq.pending_forks > self.max_num_seqs or seq.num_pending_tokens:
+            if slots_used + 1 + seq.pending_forks > self.max_num_seqs or seq.pending is not None:
                 break  # (a preempted sequence waits for its last sampled token before it re-runs)
-            num_new = bm.allocate_new(seq, budget)
-            if num_new is None:
+            allocated = bm.allocate_new(seq, budget)
+            if allocated is None:
                 break
+            seq.num_computed_tokens, num_new = allocated  # a prefix-cache hit is already computed
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            metrics = seq.request.metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = time.time()
-                seq.request.num_cached_tokens = seq.num_computed_tokens
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             slots_used += 1 + seq.pending_forks
 
-        return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted, bm.table_array)
+        return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
+        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence, wherever it is."""
@@ -125,4 +119,5 @@ class Scheduler:
         elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free_seq(seq)
+        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.FINISHED

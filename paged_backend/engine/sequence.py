@@ -1,5 +1,10 @@
 """Request and sequence state: what the scheduler and block manager move around.
 
+Owners: the block manager writes block_table / table_row / num_hashed_blocks, the detokenizer
+`detok`, the scheduler `status` and num_computed_tokens when a sequence is admitted (the prefix hit
+the block manager reports), preempted or released; the engine advances num_computed_tokens after a
+step and writes everything else.
+
 A request with n > 1 starts as one sequence that prefills the prompt; when the prompt is done the
 engine forks it into n sequences that share the prompt's KV blocks (copy-on-write).
 """
@@ -10,14 +15,25 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 from paged_backend.outputs import RequestMetrics
 from paged_backend.params import SamplingParams
+from paged_backend.runtime.sampling_row import SamplingRow
+
+if TYPE_CHECKING:
+    from paged_backend.engine.detokenizer import DecodeState
 
 _seq_counter = itertools.count()
+
+
+class PendingToken(NamedTuple):  # a tuple: one is made per sampled sequence per step
+    """A token sampled on the device and not read back yet (the engine overlaps the next step with
+    it): its K/V is computed in the next step from the device copy."""
+
+    step: int  # the step that sampled it
+    row: int  # its row in that step's sampled ids
+    is_last: bool  # it ends the sequence by length: nothing more to compute for it
 
 
 class SequenceStatus(enum.Enum):
@@ -46,7 +62,7 @@ class Sequence:
     request: Request
     index: int  # which of the request's n completions
     token_ids: list[int]
-    generator: Optional[torch.Generator] = None
+    seed: Optional[int] = None  # its sampler's random stream (None: unseeded)
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -54,23 +70,13 @@ class Sequence:
     table_row: int = -1  # its row in the block manager's block-table array while it holds blocks
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     pending_forks: int = 0  # siblings still to fork off once the prompt is prefilled
-    # A token sampled on the device and not yet read back (the engine overlaps the next step with
-    # it): its K/V is computed in the next step from the device copy; pending_row is its row in
-    # that step's sampled ids, and pending_is_last says it ends the sequence by length.
-    num_pending_tokens: int = 0
-    pending_row: int = -1
-    pending_is_last: bool = False
-    sampling_row: Any = None  # the sampler's row for it, kept when it never changes
+    pending: Optional[PendingToken] = None
+    sampling_row: Optional[SamplingRow] = None  # the sampler's row for it, kept when it never changes
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    # detokenizer state
-    text: str = ""
-    emitted_text_len: int = 0  # characters already handed out as deltas
-    emitted_token_len: int = 0
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: Optional[DecodeState] = None  # the detokenizer's (text and offsets); only it writes them
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -91,7 +97,11 @@ class Sequence:
     @property
     def num_total_tokens(self) -> int:
         """Known tokens plus the one still on the device."""
-        return len(self.token_ids) + self.num_pending_tokens
+        return len(self.token_ids) + (self.pending is not None)
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.detok is not None else ""
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from paged_backend import kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
@@ -69,7 +71,8 @@ def compute_inv_freq(config, head_dim: int, layer_type: str | None = None) -> tu
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for a set of positions; `kernels.rotary` rotates q/k with them."""
+    """cos/sin for a set of positions (`forward`, once per model forward) and the rotation of q/k
+    heads with them (`rotate`, in every layer)."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
@@ -93,3 +96,9 @@ class RotaryEmbedding(nn.Module):
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos, sin
+
+    @staticmethod
+    def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, H, head_dim] rotated by rope = forward(positions); a new contiguous tensor."""
+        cos, sin = rope
+        return kernels.rotary(x, cos, sin)

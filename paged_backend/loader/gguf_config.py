@@ -12,15 +12,25 @@ from typing import Any
 import numpy as np
 import transformers
 
-from paged_backend.models.registry import MODEL_TYPE_ARCHITECTURES
+from paged_backend.architectures import MODEL_TYPE_ARCHITECTURES
 
-from .errors import ModelLoadError
+from .errors import CorruptWeightsError, ModelLoadError
 from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def gguf_to_hf_config(gf: GGUFFile) -> transformers.PretrainedConfig:
+    try:
+        return _config(gf)
+    except ModelLoadError:
+        raise
+    # missing keys (int(None)), zero head counts, values of the wrong type or size
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        raise CorruptWeightsError(f"{gf.path}: its metadata does not describe a usable model ({exc!r})") from exc
+
+
+def _config(gf: GGUFFile) -> transformers.PretrainedConfig:
     arch = gf.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(

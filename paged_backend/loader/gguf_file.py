@@ -34,6 +34,8 @@ _SCALAR_FORMATS = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
+# Real files nest arrays at most once or twice; a corrupt count could recurse until the stack breaks.
+_MAX_ARRAY_NESTING = 8
 _NUMPY_DTYPES = {
     GGUFValueType.UINT8: np.uint8,
     GGUFValueType.INT8: np.int8,
@@ -120,7 +122,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise CorruptWeightsError(f"cannot read GGUF file {path}: {exc}") from exc
     try:
         return _parse(path, data)
-    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+    # Overflow/Key/Memory errors: corrupt sizes and type codes that the explicit checks below missed.
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError, KeyError, OverflowError, MemoryError) as exc:
         raise CorruptWeightsError(
             f"{path} is not a valid GGUF file ({exc}); re-download or re-assemble it"
         ) from exc
@@ -145,13 +148,17 @@ def _parse(path: Path, data: mmap.mmap) -> GGUFFile:
     for _ in range(n_tensors):
         name, pos = _read_str(data, pos)
         (n_dims,) = struct.unpack_from("<I", data, pos)
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
         dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
         pos += 4 + 8 * n_dims
         qtype, rel_offset = struct.unpack_from("<IQ", data, pos)
         pos += 12
         infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype), rel_offset))
 
-    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
+        raise ValueError(f"general.alignment={alignment!r} is not a positive multiple of 8")
     data_start = (pos + alignment - 1) // alignment * alignment
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, shape, qtype, rel_offset in infos:
@@ -165,29 +172,40 @@ def _parse(path: Path, data: mmap.mmap) -> GGUFFile:
     return GGUFFile(path=path, version=version, metadata=metadata, tensors=tensors, _map=data)
 
 
+def _check_span(data: mmap.mmap, start: int, length: int, what: str) -> None:
+    if length > len(data) - start:
+        raise ValueError(f"{what} of {length} bytes at offset {start} runs past the end of the file")
+
+
 def _read_str(data: mmap.mmap, pos: int) -> tuple[str, int]:
     (length,) = struct.unpack_from("<Q", data, pos)
     start = pos + 8
+    _check_span(data, start, length, "a string")
     return data[start : start + length].decode("utf-8"), start + length
 
 
-def _read_value(data: mmap.mmap, pos: int, vtype: GGUFValueType) -> tuple[Any, int]:
+def _read_value(data: mmap.mmap, pos: int, vtype: GGUFValueType, depth: int = 0) -> tuple[Any, int]:
     if vtype == GGUFValueType.STRING:
         return _read_str(data, pos)
     if vtype == GGUFValueType.ARRAY:
+        if depth >= _MAX_ARRAY_NESTING:
+            raise ValueError(f"metadata arrays nested more than {_MAX_ARRAY_NESTING} deep")
         elem_type, count = struct.unpack_from("<IQ", data, pos)
         pos += 12
         elem_type = GGUFValueType(elem_type)
+        # Every element takes at least one byte (a string at least its 8-byte length).
+        _check_span(data, pos, count, f"an array of {count} elements")
         if elem_type == GGUFValueType.STRING:
             lazy = _LazyStrings(count, pos)
             return lazy, _skip_strings(data, pos, count)
         if elem_type == GGUFValueType.ARRAY:
             values = []
             for _ in range(count):
-                value, pos = _read_value(data, pos, GGUFValueType.ARRAY)
+                value, pos = _read_value(data, pos, GGUFValueType.ARRAY, depth + 1)
                 values.append(value)
             return values, pos
         dtype = np.dtype(_NUMPY_DTYPES[elem_type])
+        _check_span(data, pos, count * dtype.itemsize, "an array")
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=pos).copy()
         return arr, pos + count * dtype.itemsize
     fmt = _SCALAR_FORMATS[vtype]
@@ -198,7 +216,9 @@ def _read_value(data: mmap.mmap, pos: int, vtype: GGUFValueType) -> tuple[Any, i
 def _skip_strings(data: mmap.mmap, pos: int, count: int) -> int:
     unpack = struct.Struct("<Q").unpack_from
     for _ in range(count):
-        pos += 8 + unpack(data, pos)[0]
+        length = unpack(data, pos)[0]
+        _check_span(data, pos + 8, length, "a string")
+        pos += 8 + length
     return pos
 
 

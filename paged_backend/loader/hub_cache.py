@@ -1,4 +1,4 @@
-"""Offline lookup of a Hugging Face hub id in the local hub cache. Never downloads."""
+"""Offline lookup of a Hugging Face hub id in the local hub cache (through huggingface_hub). Never downloads."""
 
 from __future__ import annotations
 
@@ -33,26 +33,25 @@ def hub_cache_dirs() -> list[Path]:
 def find_snapshot(repo_id: str) -> tuple[Path | None, list[Path]]:
     """The snapshot directory of ``repo_id`` ("org/name" or "org/name@revision"), and where it looked.
 
-    The revision is ``refs/main`` (or the named ref / commit); without refs, the newest snapshot.
+    huggingface_hub resolves the revision (``main`` or the named ref / commit) offline; the cache
+    folders are read from the environment at call time (huggingface_hub's own constants are fixed
+    when it is first imported).
     """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     repo, _, revision = repo_id.partition("@")
-    folder = "models--" + repo.replace("/", "--")
     looked: list[Path] = []
     for cache in hub_cache_dirs():
-        repo_dir = cache / folder
+        repo_dir = cache / ("models--" + repo.replace("/", "--"))
         looked.append(repo_dir)
-        snapshots = repo_dir / "snapshots"
-        if not snapshots.is_dir():
+        try:
+            path = snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=True)
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            # huggingface_hub takes only full 40-digit commit hashes; a short one names the folder
+            short = repo_dir / "snapshots" / revision if revision else None
+            if short is not None and short.is_dir():
+                return short, looked
             continue
-        ref = repo_dir / "refs" / (revision or "main")
-        if ref.is_file():
-            candidate = snapshots / ref.read_text().strip()
-            if candidate.is_dir():
-                return candidate, looked
-        if revision and (snapshots / revision).is_dir():
-            return snapshots / revision, looked
-        if not revision:
-            entries = [p for p in snapshots.iterdir() if p.is_dir()]
-            if entries:
-                return max(entries, key=lambda p: p.stat().st_mtime), looked
+        return Path(path), looked
     return None, looked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -129,5 +129,3 @@ def sliding_window_for(config, layer_type: str) -> int | None:
         return None
     return getattr(config, "sliding_window", None)
 
-
-MakeNorm = Callable[[int, float], nn.Module]

@@ -7,10 +7,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from paged_backend import kernels
 from paged_backend.layers.activations import gated_activation
 from paged_backend.layers.attention import Attention, AttentionMetadata
 from paged_backend.layers.linear import MergedLinear
+from paged_backend.layers.rotary import RotaryEmbedding
 
 
 def head_dim_of(config) -> int:
@@ -72,8 +72,7 @@ class SelfAttention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
+        q, k = RotaryEmbedding.rotate(q, rope), RotaryEmbedding.rotate(k, rope)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), meta)
         return self.o_proj(out)
 

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import importlib
 
+from paged_backend.architectures import MODEL_TYPE_ARCHITECTURES, NATIVE_ARCHITECTURES
 from paged_backend.models.blocks import head_dim_of, num_kv_heads_of
-
-# HF architecture name -> (module, class); model_type is the fallback when `architectures` is absent.
-_ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
-    "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
-    "Gemma2ForCausalLM": ("gemma", "GemmaForCausalLM"),
-    "Gemma3ForCausalLM": ("gemma", "GemmaForCausalLM"),
-}
-# HF model_type -> its CausalLM architecture name (also what a GGUF's general.architecture maps to).
-MODEL_TYPE_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(NATIVE_ARCHITECTURES)
 
 
 def _architecture(config) -> str | None:
     for arch in getattr(config, "architectures", None) or []:
-        if arch in _ARCHITECTURES:
+        if arch in NATIVE_ARCHITECTURES:
             return arch
     return MODEL_TYPE_ARCHITECTURES.get(getattr(config, "model_type", None))
 
@@ -52,7 +32,7 @@ def get_model_class(config) -> type:
             f"(model_type={getattr(config, 'model_type', None)!r}); natively supported: "
             f"{', '.join(supported_architectures())}"
         )
-    module_name, class_name = _ARCHITECTURES[arch]
+    module_name, class_name = NATIVE_ARCHITECTURES[arch]
     module = importlib.import_module(f"paged_backend.models.{module_name}")
     return getattr(module, class_name)
 

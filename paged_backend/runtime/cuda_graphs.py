@@ -15,6 +15,7 @@ import time
 import torch
 
 from paged_backend.layers.attention import AttentionMetadata
+from paged_backend.runtime.step_input import table_width
 
 logger = logging.getLogger("paged_backend")
 
@@ -31,7 +32,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
-        max_blocks = -(-max_model_len // (block_size * 16)) * 16  # the runner's table widths are multiples of 16
+        max_blocks = table_width(max_model_len, block_size)
         i32 = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)

@@ -1,7 +1,6 @@
 """GPU check and benchmark of the paged-attention kernels (needs CUDA).
 
-    python kernels/bench.py [--sweep] [--md FILE]        # from the repo root, no install needed
-    python -m paged_backend.kernels.bench                  # when the package is installed
+    python -m paged_backend.bench.kernels [--sweep] [--md FILE]
 
 1. correctness at real shapes against the torch reference (output poisoned with NaN first);
 2. decode table: bf16, head_dim 128, 32 q / 8 kv heads, batch 1/16/64/256 x context 512/4k/16k:
@@ -15,31 +14,15 @@ Timing: triton.testing.do_bench medians, fresh random inputs per shape.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-if __package__ in (None, ""):
-    # Run as a file: load kernels/ as paged_backend.kernels without importing the engine package.
-    import importlib.util
-    import types
-
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.modules.setdefault("paged_backend", types.ModuleType("paged_backend")).__path__ = []
-    _spec = importlib.util.spec_from_file_location(
-        "paged_backend.kernels", os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
-    )
-    kernels = importlib.util.module_from_spec(_spec)
-    sys.modules["paged_backend.kernels"] = kernels
-    _spec.loader.exec_module(kernels)
-else:
-    from paged_backend import kernels
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from paged_backend import kernels
 from paged_backend.kernels import reference, triton_impl
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -303,7 +286,7 @@ def main():
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (it compiles per shape)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels/bench.py needs a CUDA GPU")
+        sys.exit("python -m paged_backend.bench.kernels needs a CUDA GPU")
     name = torch.cuda.get_device_name()
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     t0 = time.time()
@@ -320,7 +303,7 @@ def main():
     ours = pre[None]
     lines = [
         f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}; "
-        f"date {time.strftime('%Y-%m-%d')}; command `python kernels/bench.py`",
+        f"date {time.strftime('%Y-%m-%d')}; command `python -m paged_backend.bench.kernels`",
         f"Copy bandwidth (device-to-device, read+write): {copy_bw:.2f} TB/s. Correctness checks: "
         f"{'all passed' if not fails else f'{fails} FAILED'}.",
         "",

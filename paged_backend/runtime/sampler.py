@@ -7,7 +7,8 @@ argmax here -> temperature -> top-k -> top-p -> min-p -> softmax -> sample.
 Everything is one batched pass over ``[N, V]`` with per-row parameter tensors; a transform no row
 uses is skipped. Random rows sample with the exponential race: ``argmax(probs / q)`` with
 ``q ~ Exp(1)`` i.i.d. per token, which picks token i with probability ``probs[i]``. Rows with a
-per-request ``torch.Generator`` draw their own ``q`` of shape ``[V]`` from it, so their tokens
+seed draw their own ``q`` of shape ``[V]`` from their sequence's ``torch.Generator`` (kept by the
+sampler per ``SamplingRow.key``), so their tokens
 depend only on their seed, their logits and how many steps they have taken — never on the batch
 size or on their position in it. Unseeded rows share one draw from the default generator.
 
@@ -17,30 +18,17 @@ penalties, temperature and filters), as vLLM v1 returns by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from paged_backend.layers import logits_processors as lp
 from paged_backend.params import SamplingParams
+from paged_backend.runtime import logits_processors as lp
+from paged_backend.runtime.sampling_row import SamplingRow
 from paged_backend.runtime.transfer import HostResult, to_device
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
 GREEDY_EPS = 1e-5
-
-
-@dataclass
-class SamplingRow:
-    """One sequence being sampled this step."""
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    # Per-request seeded generator on the logits' device (None when params.seed is None); the
-    # engine creates it once per sequence and keeps it across steps.
-    generator: torch.Generator | None = None
-    # Masked (with params.stop_token_ids) while len(output_token_ids) < params.min_tokens.
-    eos_token_ids: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -61,7 +49,7 @@ def _top_k_of(params: SamplingParams, vocab_size: int) -> int:
 
 
 @dataclass
-class _Batch:
+class _RowParams:
     """Per-row parameters as device tensors plus host-side facts used to skip unused transforms."""
 
     greedy: torch.Tensor            # bool [N]
@@ -74,7 +62,7 @@ class _Batch:
     any_min_p: bool
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "_Batch":
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "_RowParams":
         greedy = [_is_greedy(r.params) for r in rows]
         top_k = [0 if g else _top_k_of(r.params, vocab_size) for r, g in zip(rows, greedy)]
         top_p = [1.0 if g else r.params.top_p for r, g in zip(rows, greedy)]
@@ -136,7 +124,7 @@ def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     return logits
 
 
-def _filter(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+def _filter(logits: torch.Tensor, batch: _RowParams) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on penalised logits (greedy rows pass through unchanged)."""
     logits = lp.apply_temperature(logits, batch.temperature)
     logits = lp.apply_top_k(logits, batch.top_k, batch.max_top_k)
@@ -153,23 +141,25 @@ def sampling_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     Exposed so tests can compare it with an independent reference; ``Sampler`` computes the same.
     """
     logits = logits.float()
-    batch = _Batch.build(rows, logits.shape[1], logits.device)
+    batch = _RowParams.build(rows, logits.shape[1], logits.device)
     penalised = apply_penalties_and_masks(logits, rows)
     probs = _filter(penalised, batch).softmax(dim=1)
     one_hot = torch.zeros_like(probs).scatter_(1, penalised.argmax(dim=1, keepdim=True), 1.0)
     return torch.where(batch.greedy.unsqueeze(1), one_hot, probs)
 
 
-def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+def _exponential_noise(
+    probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """``q ~ Exp(1)`` per token; seeded rows draw from their own generator, shape ``[V]`` each."""
     n, vocab = probs.shape
-    seeded = [i for i, r in enumerate(rows) if r.generator is not None and not greedy[i]]
+    seeded = [i for i, g in enumerate(generators) if g is not None and not greedy[i]]
     if len(seeded) < n - sum(greedy):
         q = torch.empty_like(probs).exponential_()
     else:
         q = torch.ones_like(probs)
     for i in seeded:
-        q[i] = torch.empty(vocab, dtype=probs.dtype, device=probs.device).exponential_(generator=rows[i].generator)
+        q[i] = torch.empty(vocab, dtype=probs.dtype, device=probs.device).exponential_(generator=generators[i])
     # Exp(1) can return exactly 0; 0/0 would be NaN, which argmax would pick.
     return q.clamp_min_(torch.finfo(probs.dtype).tiny)
 
@@ -199,8 +189,29 @@ class SampledTokens:
 
 
 class Sampler:
-    """``Sampler()(logits[N, V], rows) -> SamplerOutput``; stateless (generators live in the rows).
-    ``sample`` is the same without waiting for the device."""
+    """``Sampler()(logits[N, V], rows) -> SamplerOutput``; ``sample`` is the same without waiting for
+    the device. Its only state is the generator of each seeded sequence, created from the row's seed
+    the first time its key is seen and dropped by ``release``."""
+
+    def __init__(self):
+        self._generators: dict[int, torch.Generator] = {}
+
+    def _generators_for(self, rows: list[SamplingRow], device: torch.device) -> list[torch.Generator | None]:
+        gens: list[torch.Generator | None] = []
+        for r in rows:
+            if r.seed is None:
+                gens.append(None)
+                continue
+            g = self._generators.get(r.key)
+            if g is None:
+                g = self._generators[r.key] = torch.Generator(device=device).manual_seed(r.seed)
+            gens.append(g)
+        return gens
+
+    def release(self, keys) -> None:
+        """Forget the generators of sequences that ended."""
+        for k in keys:
+            self._generators.pop(k, None)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         return self.sample(logits, rows).resolve()
@@ -218,9 +229,10 @@ class Sampler:
         penalised = apply_penalties_and_masks(logits, rows)
         token_ids = penalised.argmax(dim=1)
         if not all(greedy):
-            batch = _Batch.build(rows, vocab, logits.device)
+            batch = _RowParams.build(rows, vocab, logits.device)
             probs = _filter(penalised, batch).softmax(dim=1)
-            sampled = (probs / _exponential_noise(probs, rows, greedy)).argmax(dim=1)
+            noise = _exponential_noise(probs, rows, greedy, self._generators_for(rows, logits.device))
+            sampled = (probs / noise).argmax(dim=1)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
 
         want = [r.params.logprobs for r in rows]

@@ -123,7 +123,11 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
     tokenizer = load_tokenizer(source, args.tokenizer)
     torch.manual_seed(args.seed)
 
-    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is None:  # configs that do not say: a conservative context
+        limit = 2048
+    elif not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"the model config's max_position_embeddings={limit!r} is not a positive int")
     max_model_len = args.max_model_len or limit
     if max_model_len > limit:
         raise ValueError(
