@@ -37,14 +37,14 @@ PROMPTS = [
 POSITIONS = 24
 
 
-def greedy_continuations(llm: LLM) -> list[tuple[list[int], list[int]]]:
+def greedy_continuations(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the unquantized engine's 24 greedy tokens) for each chat prompt."""
     params = SamplingParams(temperature=0.0, max_tokens=POSITIONS, ignore_eos=True)
     tok = llm.get_tokenizer()
     if getattr(tok, "chat_template", None):
-        outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], params, use_tqdm=False)
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     else:
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        outs = llm.generate(prompts, params, use_tqdm=False)
     return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
 
 
@@ -101,9 +101,9 @@ def variants(model):
     yield "fp8 weights + fp8 KV", fp8, torch.float8_e4m3fn
 
 
-def measure(llm: LLM) -> dict[str, tuple[float, float]]:
-    """name -> (argmax agreement with fp32 over the 480 positions, relative L2 error of the logits)."""
-    seqs = greedy_continuations(llm)
+def measure(llm: LLM, prompts: list[str] = PROMPTS) -> dict[str, tuple[float, float]]:
+    """name -> (argmax agreement with fp32 over the 24 positions of each prompt, relative L2 error of the logits)."""
+    seqs = greedy_continuations(llm, prompts)
     model = llm.engine.runner.model
     ref = None
     figures = {}
@@ -134,9 +134,9 @@ def check(figures, bounds: dict[str, tuple[float, float]]):
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_fp8_quality_tiny(tiny_model_dir, kind):
     """Random tiny models: their logits are near-ties everywhere (bf16 itself agrees on only ~96 %), so the
-    argmax floor is loose; the logits' error is the real check here."""
+    argmax floor is loose; the logits' error is the real check here. 8 of the prompts (CI time)."""
     llm = LLM(model=str(tiny_model_dir(kind)), max_model_len=256, kv_cache_memory=16 << 20)
-    check(measure(llm), {"fp8 weights": (0.65, 0.15), "fp8 KV": (0.85, 0.07), "fp8 weights + fp8 KV": (0.65, 0.16)})
+    check(measure(llm, PROMPTS[:8]), {"fp8 weights": (0.65, 0.15), "fp8 KV": (0.85, 0.07), "fp8 weights + fp8 KV": (0.65, 0.16)})
 
 
 # Measured on the CPU (fp32 reference, 480 positions), agreement / logits relative error:
