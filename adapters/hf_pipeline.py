@@ -21,6 +21,7 @@ the config before the pipeline sees the model), or an existing `LLM` (for aliase
 
 from __future__ import annotations
 
+import copy
 import os
 import types
 from typing import Any, Iterable, Iterator, Optional
@@ -66,6 +67,8 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
                  num_workers=None, **kwargs):
         if isinstance(model, _PendingModel):  # from transformers.pipeline(): build the engine now that device is known
             model = model.build(device=device, dtype=dtype, tokenizer=tokenizer)
+        elif _is_model_object(model):  # a loaded transformers model (transformers.pipeline(task, model=obj))
+            model = _llm_of_model_object(model, tokenizer, device, dtype, {})
         elif not isinstance(model, LLM):
             raise TypeError(f"model must be a paged_backend.LLM (or a name/path, through pipeline()); "
                             f"got {type(model).__name__}")
@@ -92,7 +95,7 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
         self._preprocess_params, self._forward_params, self._postprocess_params = self._call_params(kwargs)[:3]
 
     def __repr__(self):
-        return f"{type(self).__name__}(model={self.llm.args.model!r}, task={self.task!r})"
+        return f"{type(self).__name__}(model={self.llm.args.model_name!r}, task={self.task!r})"
 
     # ---- calling --------------------------------------------------------------------------------
     def __call__(self, text_inputs, *args, num_workers=None, batch_size=None, **kwargs):
@@ -147,7 +150,7 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
         post = {**self._postprocess_params, **post}
         fwd.pop("tokenizer", None)  # added for stop_strings: the engine matches stop strings itself
         prefix_len = fwd.pop("prefix_length", 0) if pre.get("prefix") else 0
-        bad = [k for k in fwd if k not in GENERATION_KEYS and k != "generation_config"]
+        bad = [k for k in fwd if k not in GENERATION_KEYS and k not in ("generation_config", "streamer")]
         if bad:
             raise ValueError(f"unsupported argument(s) {bad}: paged_backend's pipeline takes the generation "
                              "parameters of transformers' GenerationConfig and TextGenerationPipeline's own")
@@ -156,6 +159,9 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
     # ---- one call -------------------------------------------------------------------------------
     def _run(self, inputs: list, params: tuple) -> list:
         pre, fwd, post, prefix_len = params
+        if fwd.get("streamer") is not None:
+            return self._run_streamed(inputs, params)
+        fwd.pop("streamer", None)
         resolved = self._resolve_generation(fwd)
         encodings, prompts, sps = [], [], []
         for x in inputs:
@@ -166,6 +172,32 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
         outs = self.llm.generate(prompts, sps, use_tqdm=False) if prompts else []
         return [self.postprocess(self._model_outputs(enc, ids, out, resolved), **post)
                 for enc, ids, out in zip(encodings, prompts, outs)]
+
+    def _run_streamed(self, inputs: list, params: tuple) -> list:
+        """streamer=: as generate() feeds it, one prompt at a time: the prompt's ids, then each step's new
+        tokens as the engine makes them, then end() — also after an error, so a reader never waits forever."""
+        pre, fwd, post, prefix_len = params
+        fwd = dict(fwd)
+        streamer = fwd.pop("streamer")
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise TypeError(f"streamer must have put() and end() (a transformers TextStreamer, TextIteratorStreamer "
+                            f"or BaseStreamer); got {type(streamer).__name__}")
+        results = []
+        for x in inputs:
+            try:
+                resolved = self._resolve_generation(fwd)
+                enc, ids = self._encode(x, pre, resolved)
+                sp = self._sampling_params(resolved, len(ids), prefix_len if isinstance(x, str) else 0)
+                if sp.n != 1:
+                    raise ValueError("streamer= streams one sequence at a time: num_return_sequences must be 1")
+                streamer.put(torch.tensor([ids]))
+                for out in self.llm.generate_stream(ids, sp):
+                    if out.outputs[0].token_ids_delta:
+                        streamer.put(torch.tensor(out.outputs[0].token_ids_delta))
+            finally:
+                streamer.end()
+            results.append(self.postprocess(self._model_outputs(enc, ids, out, resolved), **post))
+        return results
 
     def _encode(self, x, pre: dict, resolved: dict) -> tuple[dict, list[int]]:
         """TextGenerationPipeline.preprocess, and the prompt's token ids for the engine."""
@@ -278,9 +310,26 @@ def _set_fields(cfg: GenerationConfig) -> dict:
             if v is not None and not k.startswith("_") and k != "transformers_version" and k in GENERATION_KEYS}
 
 
-def _model_generation_config(model: str, tokenizer) -> GenerationConfig:
+def _is_model_object(model) -> bool:
+    return isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model, "base_model")
+
+
+def _llm_of_model_object(model, tokenizer, device, dtype, engine_kwargs: dict) -> LLM:
+    """An engine around a loaded transformers model, run in place (its device and dtype: transformers'
+    pipeline would move the model to `device`; the engine uses it where it is, so a different one is refused)."""
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= with a model object (a tokenizer object or its name/path)")
+    if dtype not in (None, "auto"):
+        engine_kwargs = {**engine_kwargs, "dtype": _engine_dtype(dtype)}
+    return LLM(model, tokenizer=tokenizer, device=_engine_device(device), **engine_kwargs)
+
+
+def _model_generation_config(model, tokenizer) -> GenerationConfig:
     """What transformers sets as model.generation_config: generation_config.json if there is one, else one
-    made from config.json. For a .gguf file or an alias (no config.json) the tokenizer's special tokens."""
+    made from config.json. For a .gguf file or an alias (no config.json) the tokenizer's special tokens.
+    A model object has its own."""
+    if _is_model_object(model) and getattr(model, "generation_config", None) is not None:
+        return copy.deepcopy(model.generation_config)
     path = os.path.expanduser(str(model))
     for loader in (lambda: GenerationConfig.from_pretrained(path, local_files_only=True),
                    lambda: GenerationConfig.from_model_config(AutoConfig.from_pretrained(path, local_files_only=True))):
@@ -322,8 +371,6 @@ class _PendingModel:
     def build(self, device=None, dtype=None, tokenizer=None) -> LLM:
         kw = dict(self.engine_kwargs)
         if tokenizer is not None:
-            if not isinstance(tokenizer, str):
-                raise ValueError("pass the tokenizer as a name or path: the engine loads and uses its own")
             kw["tokenizer"] = tokenizer
         if dtype is not None:
             kw["dtype"] = _engine_dtype(dtype)
@@ -354,8 +401,9 @@ def pipeline(task: Optional[str] = TASK, model=None, config=None, tokenizer=None
              dtype="auto", torch_dtype=None, model_kwargs: Optional[dict] = None, trust_remote_code=None,
              revision=None, use_fast=True, token=None, **kwargs) -> PagedTextGenerationPipeline:
     """transformers.pipeline for text generation: `model` a bundled alias, HF directory or hub id, .gguf file,
-    or an existing `LLM`. Engine options (max_model_len, kv_cache_memory, ...) may be given here or in
-    model_kwargs; the other keywords are the pipeline's call defaults, as in transformers."""
+    an existing `LLM`, or a loaded transformers model object (with tokenizer=; run in place). Engine options
+    (max_model_len, kv_cache_memory, ...) may be given here or in model_kwargs; the other keywords are the
+    pipeline's call defaults, as in transformers."""
     if task not in (TASK, REGISTERED_TASK):
         raise ValueError(f"paged_backend's pipeline serves task {TASK!r} only, not {task!r}")
     if model is None:
@@ -371,9 +419,12 @@ def pipeline(task: Optional[str] = TASK, model=None, config=None, tokenizer=None
         if engine_kwargs or dtype not in (None, "auto") or device is not None:
             raise ValueError("model is an existing LLM: its engine options, dtype and device are already fixed")
         return PagedTextGenerationPipeline(model, tokenizer=tokenizer, task=TASK, **kwargs)
+    if _is_model_object(model):
+        return PagedTextGenerationPipeline(_llm_of_model_object(model, tokenizer, device, dtype, engine_kwargs),
+                                           task=TASK, **kwargs)
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a name/path or a paged_backend.LLM, got {type(model).__name__} "
-                        "(a transformers model object: use transformers' own pipeline)")
+        raise TypeError(f"model must be a name/path, a paged_backend.LLM or a loaded transformers model; "
+                        f"got {type(model).__name__}")
     pending = PagedLLMLoader.from_pretrained(os.fspath(model), dtype=dtype, revision=revision, device_map=device_map,
                                              trust_remote_code=trust_remote_code, token=token, **engine_kwargs)
     return PagedTextGenerationPipeline(pending, tokenizer=tokenizer, task=TASK, device=device, **kwargs)

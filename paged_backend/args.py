@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class EngineArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True)
 
-    model: str
-    tokenizer: Optional[str] = None
+    # A name/path, or an already-loaded transformers causal LM (run in place, through transformers' code).
+    model: Union[str, Any]
+    # A name/path, or a transformers tokenizer object.
+    tokenizer: Union[str, Any, None] = None
+    model_impl: Literal["auto", "native", "transformers"] = Field(
+        "auto", description="native model code, transformers' modeling code with paged attention, or auto: "
+        "native where there is one"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     max_model_len: Optional[int] = Field(None, ge=1)
@@ -34,3 +40,26 @@ class EngineArgs(BaseModel):
         description="fp8: the KV cache as float8_e4m3fn with per-layer K and V scales (the checkpoint's, "
         "else 1.0); auto: the model's dtype",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_kind(cls, v):
+        if isinstance(v, str) or (hasattr(v, "config") and hasattr(v, "base_model") and callable(v)):
+            return v
+        raise ValueError(
+            f"model must be a name/path or a transformers PreTrainedModel (a causal LM); got {type(v).__name__}"
+        )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_kind(cls, v):
+        if v is None or isinstance(v, str) or (hasattr(v, "encode") and hasattr(v, "decode")):
+            return v
+        raise ValueError(f"tokenizer must be a name/path or a transformers tokenizer; got {type(v).__name__}")
+
+    @property
+    def model_name(self) -> str:
+        """The model as a display name (a model object's name_or_path or class)."""
+        if isinstance(self.model, str):
+            return self.model
+        return getattr(self.model, "name_or_path", None) or type(self.model).__name__

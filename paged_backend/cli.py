@@ -26,6 +26,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
+                   help="native model code, or transformers' modeling code with paged attention (auto: native if any)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: float8_e4m3fn linear weights with per-channel scales (quantized at load)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -52,7 +54,8 @@ def _make_llm(a):
     return LLM(
         a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-        max_num_seqs=a.max_num_seqs, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
+        max_num_seqs=a.max_num_seqs, model_impl=a.model_impl, quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
     )
 
 
@@ -124,7 +127,8 @@ def cmd_serve(a) -> int:
                 quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
                 served_model_name=a.served_model_name, allowed_origins=a.allowed_origins,
                 max_request_bytes=a.max_request_bytes, max_prompts_per_request=a.max_prompts_per_request,
-                max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout)
+                max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout,
+                model_impl=a.model_impl)
     for k, v in args.items():
         if v is not None:
             cmd += ["--arg", f"{k}={v}"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -26,13 +26,18 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct")
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+
+    model: a bundled alias, HF directory or hub id, .gguf file — or an already-loaded transformers
+    causal LM (used in place, with tokenizer= a tokenizer object or path). model_impl: "auto"
+    (native code where there is one, else transformers' modeling code with paged attention),
+    "native" or "transformers".
     """
 
     def __init__(
         self,
-        model: str,
+        model: Any,
         *,
-        tokenizer: Optional[str] = None,
+        tokenizer: Any = None,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: Optional[int] = None,
@@ -45,6 +50,7 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        model_impl: str = "auto",
         quantization: Optional[str] = None,
         kv_cache_dtype: str = "auto",
     ):
@@ -53,7 +59,7 @@ class LLM:
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format, seed=seed, enforce_eager=enforce_eager,
+            load_format=load_format, seed=seed, enforce_eager=enforce_eager, model_impl=model_impl,
             quantization=quantization, kv_cache_dtype=kv_cache_dtype,
         )
         self._engine: Optional[Engine] = Engine(self.args)
@@ -139,6 +145,25 @@ class LLM:
         finally:
             bar.close()
         return results  # type: ignore[return-value]
+
+    def generate_stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None
+                        ) -> Iterator[RequestOutput]:
+        """One prompt's outputs while it is generated, each carrying the deltas since the previous
+        one (`text_delta`, `token_ids_delta`); the last one is finished. Closing the iterator early
+        aborts the request."""
+        engine = self.engine
+        text, ids = self._prompts.prompt(prompt)
+        rid = engine.add_request(ids, coerce_params(sampling_params), prompt_text=text).request_id
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def stats(self) -> EngineStats:

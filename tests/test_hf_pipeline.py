@@ -139,7 +139,7 @@ def test_defaults_follow_transformers(pipes, model_dir, tmp_path):
     ({"num_beams": 2}, "num_beams"),
     ({"no_repeat_ngram_size": 3}, "no_repeat_ngram_size"),
     ({"output_scores": True, "return_dict_in_generate": True}, "not supported"),
-    ({"streamer": object()}, "unsupported argument"),
+    ({"stopping_criteria": [object()]}, "unsupported argument"),  # streamer=: test_hf_pipeline_objects.py
     ({"do_sample": False, "num_return_sequences": 2}, "num_return_sequences"),
     ({"do_sample": True, "temperature": 0.0}, "strictly positive"),
     ({"return_full_text": True, "return_text": True}, "mutually exclusive"),
@@ -158,7 +158,7 @@ def test_construction_errors(pipes, model_dir):
         pipeline("summarization", model=str(model_dir))
     with pytest.raises(ValueError, match="already fixed"):
         pipeline("text-generation", model=ours.llm, max_model_len=64)
-    with pytest.raises(TypeError, match="transformers' own pipeline"):
+    with pytest.raises(TypeError, match="a loaded transformers model"):
         pipeline("text-generation", model=object())
 
 

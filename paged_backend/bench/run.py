@@ -40,11 +40,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _engine(a, model_dir: str):
+def _engine(a, model_dir: str, model_impl: str = "auto"):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+              max_num_seqs=a.max_num_seqs, model_impl=model_impl, quantization=a.quantization,
+              kv_cache_dtype=a.kv_cache_dtype)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     t0 = time.perf_counter()
@@ -90,18 +91,23 @@ def _dataset(a, llm) -> list[Request]:
 def throughput(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
-        device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
-        requests = _dataset(a, llm)
-        _warm_up(llm, requests)
-        seconds, timeline, outs = _drive(llm, requests)
-        stats = llm.stats()
-        llm.shutdown()
-        del llm
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        ours = dict(name="paged-backend", seconds=seconds, output_tokens=out_tokens, startup_s=startup_s,
-                    steps=stats.num_steps, preemptions=stats.num_preemptions, requests=len(requests))
-        results = [ours]
+        results = []
+        for impl in a.model_impl:  # several: each runs in turn, the first is the one peers are compared with
+            llm, startup_s = _engine(a, model, impl)
+            device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
+            requests = _dataset(a, llm)
+            _warm_up(llm, requests)
+            seconds, run_timeline, outs = _drive(llm, requests)
+            stats = llm.stats()
+            llm.shutdown()
+            del llm
+            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if not results:
+                timeline = run_timeline  # the plot shows the first run's
+            results.append(dict(name="paged-backend" + ("" if impl == "auto" else f" [{impl}]"), seconds=seconds,
+                                output_tokens=out_tokens, startup_s=startup_s, steps=stats.num_steps,
+                                preemptions=stats.num_preemptions, requests=len(requests)))
+        ours = results[0]
         for name in a.peers:
             results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
     rates = measure_rates(device, dtype, fp8_matmul=stats.quantization == "fp8")
@@ -116,7 +122,7 @@ def throughput(a) -> dict:
                  total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
                  roofline_fraction=floor["total_s"] / r["seconds"])
     for r in results[1:]:
-        ours[f"vs_{r['peer']}"] = r["seconds"] / ours["seconds"]
+        ours[f"vs_{r.get('peer', r['name'])}"] = r["seconds"] / ours["seconds"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), quantization=stats.quantization,
                   kv_cache_dtype=stats.kv_cache_dtype, weight_bytes=stats.weight_bytes,
@@ -147,7 +153,7 @@ def _print_throughput(rep: dict) -> None:
 def latency(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        llm, startup_s = _engine(a, model)
+        llm, startup_s = _engine(a, model, a.model_impl[0])
         batch = random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
         _warm_up(llm, batch)
         runs = []
@@ -193,6 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
         q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],
+                       help="auto | native | transformers; comma-separated runs each in turn (throughput)")
         q.add_argument("--json", default=None, help="write the results here")
     t.add_argument("--num-prompts", type=int, default=256)
     t.add_argument("--input-len", type=_range, default=(100, 1024), help="N or MIN:MAX (random token ids)")

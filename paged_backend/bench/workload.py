@@ -29,6 +29,12 @@ SHAPES = {
         num_key_value_heads=16, head_dim=256, vocab_size=256000, max_position_embeddings=8192,
         hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
         architectures=["GemmaForCausalLM"])),
+    # A non-native architecture at its real shape (runs through transformers' modeling code).
+    "phi-3-mini": ("Phi3Config", dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rope_theta=10000.0,
+        rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000,
+        pad_token_id=32000, architectures=["Phi3ForCausalLM"])),
     "tiny": ("LlamaConfig", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096, bos_token_id=0,

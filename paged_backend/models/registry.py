@@ -37,6 +37,21 @@ def get_model_class(config) -> type:
     return getattr(module, class_name)
 
 
+def resolve_impl(config, model_impl: str) -> str:
+    """ "native" or "transformers" for a config: auto takes native where we have it."""
+    if model_impl == "transformers" or (model_impl == "auto" and not is_supported(config)):
+        return "transformers"
+    if not is_supported(config):
+        from paged_backend.loader.errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"model_impl='native': no native implementation for architectures={getattr(config, 'architectures', None)} "
+            f"(natively supported: {', '.join(supported_architectures())}); model_impl='auto' or 'transformers' "
+            "runs it through transformers' modeling code"
+        )
+    return "native"
+
+
 def kv_cache_shape_info(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim): each layer's cache is [num_blocks, 2, block_size, Hkv, D]."""
     return config.num_hidden_layers, num_kv_heads_of(config), head_dim_of(config)
