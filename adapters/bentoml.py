@@ -108,10 +108,20 @@ def resolve_args(defaults: Optional[dict[str, Any]] = None,
 
 
 def _torch_threads(args: ServiceArgs) -> Optional[int]:
+    """torch's intra-op threads: `torch_threads` if given; on a machine without CUDA, one fewer than
+    the cores this process may use, because the event loop (HTTP, SSE, detokenized deltas) needs a
+    core of its own on every token, and intra-op threads that spin at their barriers take it away
+    (measured on 2 cores: 2 threads made a busy server >10x slower than 1; BENCHMARKS.md)."""
     if args.torch_threads:
         return args.torch_threads
     env = os.environ.get("PAGED_BACKEND_TEST_THREADS")  # tests on busy 2-core machines
-    return int(env) if env else None
+    if env:
+        return int(env)
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else None
 
 
 def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[str, Any]] = None,

@@ -13,18 +13,25 @@ from paged_backend.cli import main
 def test_bench_throughput_with_peers_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     args = ["bench", "throughput", "--model", "tiny", "--num-prompts", "6", "--output-len", "8", "--input-len",
-            "5:40", "--device", "cpu", "--peers", "hf-generate,hf-generate-batch", "--json", str(out)]
+            "5:40", "--device", "cpu", "--peers", "hf-generate,hf-generate-batch,hf-generate-compiled",
+            "--probe-batch", "4", "--probe-prompt-len", "24", "--json", str(out)]
     plot = pytest.importorskip("matplotlib", reason="--plot needs matplotlib") and ["--plot", str(png)]
     assert main(args + plot) == 0
     data = json.loads(out.read_text())
-    ours, static, cb = data["results"]
-    assert ours["output_tokens"] == static["output_tokens"] == cb["output_tokens"] == 6 * 8
+    ours, static, cb, compiled = data["results"]
+    assert {r["output_tokens"] for r in (ours, static, cb, compiled)} == {6 * 8}
+    assert compiled["warmup_s"] > 0 and compiled["compiled"] is False  # transformers compiles on GPUs only
     assert all(r["seconds"] > 0 and 0 < r["roofline_fraction"] for r in data["results"])
     assert ours["vs_hf-generate"] == pytest.approx(static["seconds"] / ours["seconds"])
     assert data["timeline"][-1][1] == 6 * 8 and data["floor"]["total_s"] > 0
+    probe = data["step_probe"]
+    assert probe["batch"] == 4 and probe["prefill_steps"] >= 1 and probe["decode_wall_s"] > 0
+    assert probe["decode_gpu_s"] is None and probe["prefill_floor_s"] > 0 and probe["decode_floor_s"] > 0
+    assert data["rates"]["copy_bytes_per_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "paged-backend" in printed and "hf-generate-batch" in printed and "roofline" in printed
+    assert "decode step at batch 4" in printed and "prefill 4 x 24 tokens" in printed
 
 
 def test_bench_latency_and_bad_arguments(tmp_path, capsys):

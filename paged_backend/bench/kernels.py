@@ -23,6 +23,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from paged_backend import kernels
+from paged_backend.bench.roofline import COPY_METHOD_CUDA, copy_bandwidth
 from paged_backend.kernels import reference, triton_impl
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -110,13 +111,6 @@ def checks():
     fails += not ok
     print(f"check store_kv 8192 tokens      {'ok' if ok else 'FAIL'}")
     return fails
-
-
-def copy_bandwidth():
-    x = torch.randn(1 << 30, device=DEV, dtype=torch.bfloat16)  # 2 GiB
-    y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x))
-    return 2 * x.numel() * x.element_size() / ms / 1e9  # TB/s: read + write
 
 
 def flex_decode_fn(bsz, ctx, scale):
@@ -292,8 +286,8 @@ def main():
     t0 = time.time()
     fails = checks()
     print(f"checks: {fails} failure(s), {time.time() - t0:.0f}s", flush=True)
-    copy_bw = copy_bandwidth()
-    print(f"copy bandwidth (read+write): {copy_bw:.2f} TB/s", flush=True)
+    copy_bw = copy_bandwidth(DEV) / 1e12  # TB/s, read + write: the one method every roofline here uses
+    print(f"copy bandwidth (read+write, {COPY_METHOD_CUDA}): {copy_bw:.2f} TB/s", flush=True)
     if args.sweep:
         sweep()
     flex_cells = set() if args.no_flex else {(64, 4096), (256, 4096), (64, 16384)}

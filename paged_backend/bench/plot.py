@@ -38,3 +38,31 @@ def write_plot(path: str, results: list[dict], timeline: list[tuple[float, int]]
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_serve_plot(path: str, report: dict) -> None:
+    """`bench serve`'s PNG: TTFT, ITL and output tok/s of each server against the achieved request rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for (server, levels), color in zip(report["results"].items(), ["tab:green", "tab:gray", "tab:blue"]):
+        xs = [s["requests_per_s"] for s in levels]
+        for ax, key in zip(axes[:2], ("ttft_s", "itl_s")):
+            ax.plot(xs, [s[key]["p50"] * 1e3 for s in levels], "o-", color=color, label=f"{server} p50")
+            ax.plot(xs, [s[key]["p99"] * 1e3 for s in levels], "o--", color=color, label=f"{server} p99")
+        axes[2].plot(xs, [s["output_tok_per_s"] for s in levels], "o-", color=color, label=server)
+    slo = report["slo"]
+    for ax, title, limit in zip(axes, ("time to first token (ms)", "inter-token latency (ms)", "output tokens / s"),
+                                (slo["ttft_s"] * 1e3, slo["itl_s"] * 1e3, None)):
+        ax.set_xlabel("achieved requests / s")
+        ax.set_title(title)
+        if limit:
+            ax.axhline(limit, color="tab:red", linewidth=0.8, linestyle=":", label="SLO")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bench serve: {report['model']}, {report['input_len']} -> {report['output_len']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,8 +16,9 @@ import torch
 
 @dataclass
 class Rates:
-    copy_bytes_per_s: float  # bytes read + written by a large device-to-device copy
+    copy_bytes_per_s: float  # bytes read + written by a large device-to-device copy (copy_bandwidth)
     matmul_flops_per_s: float  # a large square matmul in the model's dtype (fp8 _scaled_mm for fp8 weights)
+    copy_method: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,12 +42,39 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+COPY_METHOD_CUDA = "2 GiB bf16 device-to-device copy_, 8 per CUDA graph, median of 10 graph replays"
+
+
+def copy_bandwidth(device: torch.device | str = "cuda") -> float:
+    """Bytes read + written per second by a large device-to-device copy: the one bandwidth every
+    roofline in the project uses (the engine bench, the kernel bench). On CUDA the copies are
+    replayed from a CUDA graph, so no launch gap between them is counted (the strict rate)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        src = torch.rand((64 << 20) // 4, device=device)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), device, 10)
+    src = torch.rand(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB of random data, never zeros
+    dst = torch.empty_like(src)
+    per_graph = 8
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        dst.copy_(src)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            dst.copy_(src)
+    seconds = _median_seconds(graph.replay, device, 10) / per_graph
+    del graph, src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) * 2 / seconds
+
+
 def measure_rates(device: torch.device, dtype: torch.dtype, fp8_matmul: bool = False) -> Rates:
     cuda = device.type == "cuda"
-    n_bytes = (1 << 30) if cuda else (64 << 20)
-    src = torch.rand(n_bytes // 4, device=device)  # random data, never zeros
-    dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), device, 10)
+    copy = copy_bandwidth(device)
     n = 8192 if cuda else 512
     mm_dtype = dtype if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
@@ -57,8 +85,16 @@ def measure_rates(device: torch.device, dtype: torch.dtype, fp8_matmul: bool = F
         sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
         mm = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
     mm_s = _median_seconds(mm, device, 10)
-    del src, dst, a, b
-    return Rates(copy_bytes_per_s=2 * n_bytes / copy_s, matmul_flops_per_s=2 * n**3 / mm_s)
+    del a, b
+    return Rates(copy_bytes_per_s=copy, matmul_flops_per_s=2 * n**3 / mm_s,
+                 copy_method=COPY_METHOD_CUDA if cuda else "64 MiB fp32 copy_ on the CPU, median of 10")
+
+
+def prefill_floor_seconds(cost: "ModelCost", prompt_lens: list[int], rates: Rates) -> float:
+    """Prefill is compute-bound: its FLOPs (matmuls, attention, one lm_head row per prompt) over the matmul rate."""
+    flops = sum(2 * cost.matmul_params * p + cost.attn_flops_per_pair * p * (p + 1) // 2 + 2 * cost.lm_head_params
+                for p in prompt_lens)
+    return flops / rates.matmul_flops_per_s
 
 
 @dataclass
@@ -93,13 +129,16 @@ class ModelCost:
 
 def floor_seconds(cost: ModelCost, prompt_lens: list[int], output_lens: list[int], rates: Rates) -> dict:
     """The workload's floor: prefill (compute) + decode steps (memory or compute, per step)."""
-    prefill_flops = sum(2 * cost.matmul_params * p + cost.attn_flops_per_pair * p * (p + 1) // 2
-                        + 2 * cost.lm_head_params for p in prompt_lens)
-    prefill_s = prefill_flops / rates.matmul_flops_per_s
-    decode_s = 0.0
-    for step in range(1, max(output_lens)):  # the first output token comes out of the prefill
-        ctx = [p + step for p, o in zip(prompt_lens, output_lens) if o > step]
-        step_bytes = cost.weight_bytes + cost.kv_bytes_per_token * sum(ctx)
-        step_flops = len(ctx) * 2 * (cost.matmul_params + cost.lm_head_params) + cost.attn_flops_per_pair * sum(ctx)
-        decode_s += max(step_bytes / rates.copy_bytes_per_s, step_flops / rates.matmul_flops_per_s)
+    prefill_s = prefill_floor_seconds(cost, prompt_lens, rates)
+    decode_s = sum(decode_step_floor_seconds(cost, [p + step for p, o in zip(prompt_lens, output_lens) if o > step],
+                                             rates)
+                   for step in range(1, max(output_lens)))  # the first output token comes out of the prefill
     return dict(prefill_s=prefill_s, decode_s=decode_s, total_s=prefill_s + decode_s)
+
+
+def decode_step_floor_seconds(cost: ModelCost, context_lens: list[int], rates: Rates) -> float:
+    """One decode step of these sequences: all weights and their K/V read once, or its FLOPs."""
+    step_bytes = cost.weight_bytes + cost.kv_bytes_per_token * sum(context_lens)
+    step_flops = (len(context_lens) * 2 * (cost.matmul_params + cost.lm_head_params)
+                  + cost.attn_flops_per_pair * sum(context_lens))
+    return max(step_bytes / rates.copy_bytes_per_s, step_flops / rates.matmul_flops_per_s)

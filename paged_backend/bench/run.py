@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from paged_backend.bench import peers as peers_mod
+from paged_backend.bench import serve as serve_mod
 from paged_backend.bench.plot import write_plot
 from paged_backend.bench.roofline import ModelCost, floor_seconds, measure_rates
+from paged_backend.bench.step_probe import describe, probe_steps, with_floors
 from paged_backend.bench.workload import SHAPES, Request, make_model_dir, prompt_file_dataset, random_dataset
 
 
@@ -48,8 +50,10 @@ def _engine(a, model_dir: str, model_impl: str = "auto"):
               kv_cache_dtype=a.kv_cache_dtype)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
+    print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
     t0 = time.perf_counter()
     llm = LLM(model_dir, **kw)
+    print(f"[bench] our engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     return llm, time.perf_counter() - t0
 
 
@@ -91,14 +95,18 @@ def _dataset(a, llm) -> list[Request]:
 def throughput(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
-        results = []
+        results, probe = [], None
         for impl in a.model_impl:  # several: each runs in turn, the first is the one peers are compared with
             llm, startup_s = _engine(a, model, impl)
             device, dtype, config = llm.engine.device, llm.engine.dtype, llm.engine.hf_config
             requests = _dataset(a, llm)
             _warm_up(llm, requests)
+            print(f"[bench] paged-backend [{impl}]: {len(requests)} requests", flush=True)
             seconds, run_timeline, outs = _drive(llm, requests)
             stats = llm.stats()
+            print(f"[bench] paged-backend [{impl}]: {seconds:.2f} s", flush=True)
+            if not results and a.probe_batch:  # the step diagnostics of the first run's engine
+                probe = probe_steps(llm, min(a.probe_batch, a.max_num_seqs), a.probe_prompt_len)
             llm.shutdown()
             del llm
             out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -110,12 +118,12 @@ def throughput(a) -> dict:
         ours = results[0]
         for name in a.peers:
             results.append(peers_mod.run_peer(name, Path(model), requests, dtype, device.type))
+    print("[bench] measuring copy bandwidth and matmul rate", flush=True)
     rates = measure_rates(device, dtype, fp8_matmul=stats.quantization == "fp8")
     # Bytes as the engine stores them: fp8 weights and an fp8 cache count one byte per element.
     cost = ModelCost.of(config, torch.finfo(dtype).bits // 8, weight_bytes=stats.weight_bytes,
                         kv_bytes_per_token=stats.kv_bytes_per_token)
-    floor = floor_seconds(cost,
-                          [len(r.prompt) for r in requests], [r.output_len for r in requests], rates)
+    floor = floor_seconds(cost, [len(r.prompt) for r in requests], [r.output_len for r in requests], rates)
     in_tokens = sum(len(r.prompt) for r in requests)
     for r in results:
         r.update(requests_per_s=r["requests"] / r["seconds"], output_tok_per_s=r["output_tokens"] / r["seconds"],
@@ -127,7 +135,9 @@ def throughput(a) -> dict:
     report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), quantization=stats.quantization,
                   kv_cache_dtype=stats.kv_cache_dtype, weight_bytes=stats.weight_bytes,
                   kv_bytes_per_token=stats.kv_bytes_per_token, num_requests=len(requests),
-                  input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline)
+                  input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline,
+                  step_probe=probe and with_floors(probe, cost, rates))
+    report["step_probe_lines"] = describe(report["step_probe"]) if probe else []
     _print_throughput(report)
     _write(a, report, timeline, f"{a.model}, {len(requests)} requests, {where}")
     return report
@@ -148,17 +158,28 @@ def _print_throughput(rep: dict) -> None:
         print(f"{r['name'][:72]:72s} {r['seconds']:8.2f} {r['requests_per_s']:7.2f} {r['total_tok_per_s']:9.0f} "
               f"{r['output_tok_per_s']:10.0f} {ratio:>8s} {r['roofline_fraction']:9.1%}")
     print(f"start-up of our engine (load, KV sizing, CUDA graphs): {ours['startup_s']:.1f} s")
+    for r in rep["results"]:
+        if "compile_s" in r:
+            print(f"{r['peer']}: warm-up {r['warmup_s']:.1f} s before timing, of which compilation ~{r['compile_s']:.1f} s")
+    if rep["step_probe"]:
+        print("\n".join(rep["step_probe_lines"]))
 
 
 def latency(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, a.load_format = _model(a, tmp)
         llm, startup_s = _engine(a, model, a.model_impl[0])
-        batch = random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed)
-        _warm_up(llm, batch)
+
+        def batch(i: int) -> list[Request]:  # fresh prompts each run: no run reuses another's cached prefix
+            return random_dataset(a.batch_size, a.input_len, a.output_len, llm.engine.vocab_size, a.seed + i)
+
+        # one untimed run of a batch of the timed runs' shape: any compile or allocation it triggers
+        # happens before timing
+        print(f"[bench] warm-up: batch {a.batch_size}", flush=True)
+        _drive(llm, batch(a.num_iters))
         runs = []
-        for _ in range(a.num_iters):
-            seconds, _, outs = _drive(llm, batch)
+        for i in range(a.num_iters):
+            seconds, _, outs = _drive(llm, batch(i))
             ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
             itl = [x for o in outs for x in o.metrics.inter_token_latencies]
             runs.append(dict(seconds=seconds, ttft=statistics.median(ttft), itl=statistics.mean(itl) if itl else 0.0))
@@ -208,11 +229,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--peers", default="", type=lambda s: [x for x in s.split(",") if x],
                    help=f"comma-separated, from {', '.join(peers_mod.PEERS)}")
     t.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    t.add_argument("--probe-batch", type=int, default=256,
+                   help="after the run: decode step wall vs GPU time and prefill vs its floor at this batch (0: skip)")
+    t.add_argument("--probe-prompt-len", type=int, default=512)
     t.set_defaults(bench_func=throughput)
     lat.add_argument("--batch-size", type=int, default=8)
     lat.add_argument("--input-len", type=_range, default=(512, 512))
     lat.add_argument("--num-iters", type=int, default=5)
     lat.set_defaults(bench_func=latency)
+    serve_mod.add_parser(sub)
 
 
 def check_peers(a) -> None:

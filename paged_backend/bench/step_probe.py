@@ -1,0 +1,107 @@
+"""Per-step diagnostics `bench throughput` measures itself, after the timed run, on the same engine:
+
+- prefill: `batch` fresh prompts of `prompt_len` tokens, one output token each (so the phase is
+  prefill only): wall time and engine steps, against the prefill's matmul floor;
+- decode at full batch: the same prompts again (their prefixes are cached) with many output
+  tokens; once every sequence decodes (a step makes `batch` tokens), the wall time of `steps`
+  steps, then the GPU busy time of `steps` more under torch.profiler (CUDA activity only: the
+  union of kernel intervals), against the step's bandwidth floor.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from paged_backend.bench.roofline import ModelCost, Rates, decode_step_floor_seconds, prefill_floor_seconds
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _kernel_busy_us(prof) -> float:
+    """Union of the GPU kernels' and copies' intervals (microseconds) in a profile."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if s > end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    return busy
+
+
+def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1) -> dict:
+    from paged_backend import SamplingParams
+
+    engine = llm.engine
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+    print(f"[bench] step probe: prefill {batch} x {prompt_len} tokens, then decode at batch {batch}", flush=True)
+    steps0 = llm.stats().num_steps
+    _sync()
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step(emit_unfinished=False)
+    _sync()
+    out = dict(batch=batch, prompt_len=prompt_len, prefill_s=time.perf_counter() - t0,
+               prefill_steps=llm.stats().num_steps - steps0)
+
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=2 * steps + 64, ignore_eos=True))
+    last = engine.total_generated_tokens
+    for _ in range(64):  # until a step makes one token for every sequence: all of them decode
+        engine.step(emit_unfinished=False)
+        made, last = engine.total_generated_tokens - last, engine.total_generated_tokens
+        if made == batch:
+            break
+    else:
+        raise RuntimeError(f"decode probe: never {batch} sequences decoding in one step (--max-num-seqs?)")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step(emit_unfinished=False)
+    out["decode_wall_s"] = (time.perf_counter() - t0) / steps
+    out["decode_gpu_s"] = None
+    if engine.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step(emit_unfinished=False)
+            _sync()
+        busy = _kernel_busy_us(prof)
+        out["decode_gpu_s"] = busy / 1e6 / steps if busy else None
+    out["decode_context"] = prompt_len + 64  # about where the measured steps sit
+    while engine.has_unfinished_requests():
+        engine.step(emit_unfinished=False)
+    return out
+
+
+def with_floors(probe: dict, cost: ModelCost, rates: Rates) -> dict:
+    b, p = probe["batch"], probe["prompt_len"]
+    probe["prefill_floor_s"] = prefill_floor_seconds(cost, [p] * b, rates)
+    probe["decode_floor_s"] = decode_step_floor_seconds(cost, [probe["decode_context"]] * b, rates)
+    return probe
+
+
+def describe(probe: dict) -> list[str]:
+    gpu = probe["decode_gpu_s"]
+    d = (f"decode step at batch {probe['batch']} (context ~{probe['decode_context']}): wall "
+         f"{probe['decode_wall_s'] * 1e3:.2f} ms")
+    d += (f", GPU busy {gpu * 1e3:.2f} ms (wall / GPU = {probe['decode_wall_s'] / gpu:.2f}x)" if gpu
+          else ", GPU time: not measured (no CUDA)")
+    d += f", bandwidth floor {probe['decode_floor_s'] * 1e3:.2f} ms"
+    per = probe["prefill_s"] / max(probe["prefill_steps"], 1)
+    f = (f"prefill {probe['batch']} x {probe['prompt_len']} tokens: {probe['prefill_s']:.3f} s in "
+         f"{probe['prefill_steps']} steps ({per * 1e3:.1f} ms a step), matmul floor {probe['prefill_floor_s']:.3f} s "
+         f"(time / floor = {probe['prefill_s'] / probe['prefill_floor_s']:.2f}x)")
+    return [d, f]
