@@ -1,10 +1,12 @@
 """Paged-attention kernels: Triton on CUDA tensors, the plain-torch twin (reference.py) on CPU tensors.
 
 Public entry points (the contract in DESIGN.md):
-    store_kv(key, value, kv_cache, slot_mapping)
+    store_kv(key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0)
     paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-                    sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None)
+                    sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None,
+                    k_scale=1.0, v_scale=1.0)
     copy_blocks(kv_caches, src, dst)
+    quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
 and the element-wise ops the models run around them (triton_fused.py, one kernel each on CUDA):
     rms_norm(x, weight, eps, residual=None, *, gemma=False)
     gated_activation(x, activation)
@@ -14,11 +16,16 @@ and the element-wise ops the models run around them (triton_fused.py, one kernel
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set
 while its decorators run (Triton decides interpreted-or-compiled when `@triton.jit` is applied), so
 this works whatever was imported before and never changes how the GPU kernels are built.
+
+FP8 KV cache: a kv_cache of dtype float8_e4m3fn holds key / k_scale and value / v_scale (per-layer
+float scales, saturated at +-448); attention reads K and V back in q's dtype and applies the scales
+(K's to the softmax scale, V's to the output). Other cache dtypes ignore the scales.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -27,9 +34,11 @@ import torch
 
 from . import reference
 
-__all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary", "reference"]
+__all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
+           "quantize_fp8_rows", "reference"]
 
 _IMPLS = ("triton", "reference")
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
 _lock = threading.Lock()
 _triton_modules: dict[tuple[str, bool], object] = {}
 
@@ -88,9 +97,12 @@ def store_kv(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     impl: str | None = None,
 ) -> None:
-    """Write key/value [T, Hkv, D] into kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping [T]; -1 skips."""
+    """Write key/value [T, Hkv, D] into kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping [T]; -1 skips.
+    An fp8 cache stores key / k_scale and value / v_scale."""
     if key.shape != value.shape or key.dim() != 3:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be [T, Hkv, D]")
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or tuple(kv_cache.shape[3:]) != tuple(key.shape[1:]):
@@ -100,7 +112,15 @@ def store_kv(
         )
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [T] with T = {key.shape[0]}")
-    _pick(impl, kv_cache).store_kv(key, value, kv_cache, slot_mapping)
+    _check_cache(kv_cache, k_scale, v_scale)
+    _pick(impl, kv_cache).store_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+
+
+def _check_cache(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if kv_cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype}: expected one of {_CACHE_DTYPES}")
+    if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
+        raise ValueError(f"k_scale={k_scale}, v_scale={v_scale}: KV scales must be positive finite floats")
 
 
 def paged_attention(
@@ -116,6 +136,8 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] over the paged cache -> [T, Hq, D] (written into `out` if given).
@@ -125,7 +147,7 @@ def paged_attention(
     upper bounds (>=) of the true maxima; max_query_len == 1 selects the decode path (and, with few
     sequences, the split-K path, whose chunking is sized from max_seq_len). A CUDA graph captured for
     decode bakes the split count in: capture it with max_seq_len = the largest context it will replay
-    with (e.g. max_model_len).
+    with (e.g. max_model_len). k_scale / v_scale: an fp8 cache's scales (module docstring).
     """
     if q.dim() != 3 or kv_cache.dim() != 5 or q.shape[2] != kv_cache.shape[4]:
         raise ValueError(
@@ -145,6 +167,7 @@ def paged_attention(
         sliding_window = None
     if softcap is not None and softcap <= 0:
         softcap = None
+    _check_cache(kv_cache, k_scale, v_scale)
     return _pick(impl, q).paged_attention(
         q,
         kv_cache,
@@ -157,7 +180,17 @@ def paged_attention(
         out,
         max_query_len=max_query_len,
         max_seq_len=max_seq_len,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
+
+
+def quantize_fp8_rows(x: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) fp8 quantization of x [M, K]: (x / scale as float8_e4m3fn saturated at
+    +-448, scale [M, 1] fp32 = max(amax of the row / 448, 1e-12)). One kernel on CUDA."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} must be a 2-D float tensor [M, K]")
+    return _pick(impl, x).quantize_fp8_rows(x)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

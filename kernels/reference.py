@@ -18,6 +18,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
+# An FP8 KV cache stores float8_e4m3fn values x / scale (one K and one V scale per layer), saturated
+# at the format's largest finite value; attention reads them back as value * scale.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
 # Decode sequences are gathered in groups whose padded K/V copy stays under this many bytes.
 _DECODE_GATHER_BYTES = 256 << 20
 # Gathered K/V go into reused per-thread CPU buffers up to this size: a fresh large allocation costs more
@@ -40,13 +45,37 @@ def _buffer(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     return buf[:numel]
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T] (slot = block * block_size + offset); -1 skips."""
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8_e4m3fn, saturated to +-448 (a plain cast would turn overflow into NaN)."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x / scale as float8_e4m3fn, scale [M, 1] fp32), scale = max(amax of the row / 448, 1e-12)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T] (slot = block * block_size + offset); -1 skips.
+    An fp8 cache stores key / k_scale and value / v_scale."""
     block_size = kv_cache.shape[2]
     slots = slot_mapping.to(torch.long)
     keep = slots >= 0
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        # torch has no CPU index_copy_ for float8: the bytes are copied as uint8.
+        key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
+        kv_cache = kv_cache.view(torch.uint8)
     blocks, offsets = slots // block_size, slots % block_size
     if kv_cache.is_contiguous():  # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put
         rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
@@ -65,6 +94,8 @@ def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Ten
     src = src.to(device=kv_caches[0].device, dtype=torch.long)
     dst = dst.to(device=kv_caches[0].device, dtype=torch.long)
     for cache in kv_caches:
+        if cache.dtype == FP8_KV_DTYPE:
+            cache = cache.view(torch.uint8)  # no CPU index_copy_ for float8
         # index_select copies first, so a block that is both a source and a destination is read intact.
         cache.index_copy_(0, dst, cache.index_select(0, src))
 
@@ -115,10 +146,16 @@ def _gather(kv_cache, block_ids, which):
     return out.view(-1, hkv, d)
 
 
-def _gather_kv(kv_cache, block_ids, ctx):
+def _widen(x, dtype):
+    """Gathered K or V in the query's dtype: an fp8 cache's values are exact in every wider float.
+    Their scales are applied outside (K's to the softmax scale, V's to the output), as the kernel does."""
+    return x.to(dtype) if x.dtype == FP8_KV_DTYPE else x
+
+
+def _gather_kv(kv_cache, block_ids, ctx, dtype):
     """K and V of one sequence as [1, Hkv, ctx, D] views (one gather each; SDPA takes the strides as they are)."""
-    k = _gather(kv_cache, block_ids, 0)[:ctx]
-    v = _gather(kv_cache, block_ids, 1)[:ctx]
+    k = _widen(_gather(kv_cache, block_ids, 0)[:ctx], dtype)
+    v = _widen(_gather(kv_cache, block_ids, 1)[:ctx], dtype)
     return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
 
@@ -130,7 +167,7 @@ def _prefill_one(q, kv_cache, block_table, ctx, scale, sliding_window, softcap):
     if sliding_window is not None:
         first = max(0, ctx - m - sliding_window + 1) // bs
     ids = block_table[first : -(-ctx // bs)].long()
-    k, v = _gather_kv(kv_cache, ids, ctx - first * bs)
+    k, v = _gather_kv(kv_cache, ids, ctx - first * bs, q.dtype)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, M, D]
     if m == ctx and sliding_window is None:
         out = _attend(qh, k, v, None, scale, softcap, is_causal=True)
@@ -158,8 +195,8 @@ def _decode_group(q, kv_cache, block_tables, ctx, scale, sliding_window, softcap
     used = blk < end.view(n, 1)
     table = block_tables.long().gather(1, blk.clamp(max=block_tables.shape[1] - 1))
     ids = torch.where(used, table, 0).flatten()  # padding blocks: block 0, masked below
-    k = _gather(kv_cache, ids, 0).view(n, nb * bs, hkv, d)
-    v = _gather(kv_cache, ids, 1).view(n, nb * bs, hkv, d)
+    k = _widen(_gather(kv_cache, ids, 0), q.dtype).view(n, nb * bs, hkv, d)
+    v = _widen(_gather(kv_cache, ids, 1), q.dtype).view(n, nb * bs, hkv, d)
     kpos = (first * bs).view(n, 1) + torch.arange(nb * bs, device=q.device)  # [N, S] absolute positions
     valid = kpos < ctx.view(n, 1)
     # Slots past the context may hold garbage (even NaN), and 0 * NaN is NaN: zero them.
@@ -188,12 +225,19 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring.
     max_query_len / max_seq_len are accepted for the Triton entry point's signature and unused:
-    this twin reads the lengths from the tensors."""
+    this twin reads the lengths from the tensors. k_scale / v_scale: the fp8 cache's dequantization
+    scales (ignored for other cache dtypes)."""
     if out is None:
         out = torch.empty_like(q)
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        scale = scale * k_scale  # q . (k * k_scale) == (q . k) * k_scale
+    else:
+        v_scale = 1.0
     seq_lens_l = seq_lens.tolist()
     qsl = query_start_loc.tolist()
     decode_rows = []
@@ -205,9 +249,9 @@ def paged_attention(
             decode_rows.append(b)
             continue
         res = _prefill_one(q[start:end], kv_cache, block_tables[b], ctx, scale, sliding_window, softcap)
-        out[start:end] = res.to(out.dtype)
+        out[start:end] = _scaled(res, v_scale).to(out.dtype)
     if decode_rows:
-        per_token = 2 * kv_cache.shape[3] * kv_cache.shape[4] * kv_cache.element_size()
+        per_token = 2 * kv_cache.shape[3] * kv_cache.shape[4] * max(kv_cache.element_size(), q.element_size())
         rows = torch.tensor(decode_rows, dtype=torch.long)
         lens = torch.tensor([seq_lens_l[b] for b in decode_rows], dtype=torch.long)
         order = torch.argsort(lens)  # similar lengths together: less padding per group
@@ -228,9 +272,13 @@ def paged_attention(
                 sliding_window,
                 softcap,
             )
-            out.index_copy_(0, tok, res.to(out.dtype))
+            out.index_copy_(0, tok, _scaled(res, v_scale).to(out.dtype))
             i = j
     return out
+
+
+def _scaled(x, s):
+    return x if s == 1.0 else x.float() * s
 
 
 def dense_attention_oracle(q, k, v, q_pos, k_pos, scale, sliding_window=None, softcap=None):

@@ -30,11 +30,58 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _fp8_bits(x):
+    """float32 x (already saturated to +-448) -> its float8_e4m3fn bit pattern (uint8), rounded to nearest
+    even, by integer arithmetic. Only the interpreter uses it: its own float8 cast truncates instead of
+    rounding when the mantissa carries into the exponent and mangles results below 2**-6 (Triton 3.x)."""
+    a = tl.abs(x)
+    u = a.to(tl.uint32, bitcast=True)
+    # Normal range (>= 2**-6): round the fp32 pattern to 3 mantissa bits, rebias the exponent 127 -> 7.
+    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) - (120 << 3)
+    # Below it the e4m3 grid is 2**-9: round a * 512 half-to-even (the 1.5 * 2**23 trick).
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.uint32)
+    bits = tl.where(a >= 0.015625, normal, sub)
+    bits = bits | ((x.to(tl.uint32, bitcast=True) >> 24) & 0x80)  # the sign bit, -0.0 included
+    return bits.to(tl.uint8)
+
+
+@triton.jit
+def _to_cache(x, inv_scale, cache_ptr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr):
+    """A K or V row in the cache's dtype: for an fp8 cache x * inv_scale, saturated to +-448."""
+    if FP8:
+        y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
+        if SOFT_FP8:
+            return _fp8_bits(y).to(cache_ptr.dtype.element_ty, bitcast=True)
+        else:
+            return y.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch rounds
+    else:
+        return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, N, BLOCK: tl.constexpr, SOFT_FP8: tl.constexpr):
+    """One row of x -> float8_e4m3fn x / scale and scale = max(amax(|x|) / 448, 1e-12) (fp8 activations)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max_combine) / 448.0, 1e-12)
+    y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    if SOFT_FP8:
+        q = _fp8_bits(y).to(q_ptr.dtype.element_ty, bitcast=True)
+    else:
+        q = y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(q_ptr + row * N + offs, q, mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    k_ptr, v_ptr, cache_ptr, slot_ptr, inv_k_scale, inv_v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -47,8 +94,8 @@ def _store_kv_kernel(
         dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h * stride_ch + offs_d
         k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
         v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst, _to_cache(k, inv_k_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
+        tl.store(dst + stride_ckv, _to_cache(v, inv_v_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
 
 
 @triton.jit
@@ -111,7 +158,9 @@ def _attend_tile(
         phys = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE).to(tl.int64)
         base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         k = tl.load(kv_ptr + base[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-    s = _dot(q, k, DOT_PREC, UPCAST)
+    # An fp8 cache's values are exact in q's dtype; its K scale is folded into qk_scale, its V scale
+    # into the output.
+    s = _dot(q, k.to(q.dtype), DOT_PREC, UPCAST)
     if USE_SOFTCAP:
         # softcap * tanh(x / softcap), tanh(y) = 2 * sigmoid(2y) - 1; then into the log2 domain
         # qk_scale = scale * log2(e), so the tanh argument s * scale / softcap is s * qk_scale / (log2(e) * softcap)
@@ -134,14 +183,14 @@ def _attend_tile(
                     other=0.0)
     else:
         v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["num_seqs", "chunk_len", "window"])
 def _paged_attn_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, softcap, window, num_seqs, chunk_len,
+    qk_scale, v_scale, softcap, window, num_seqs, chunk_len,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
     stride_pt, stride_ph, stride_ps,
@@ -220,7 +269,7 @@ def _paged_attn_kernel(
                 BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        res = acc / l_safe[:, None]
+        res = acc * (v_scale / l_safe)[:, None]
         st_mask = row_ok[:, None] & d_mask[None, :]
         if SPLIT:
             # Partial result of this split, normalised, plus its log2-sum-exp for the reduce kernel.
@@ -257,7 +306,7 @@ def _split_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
-def store_kv(key, value, kv_cache, slot_mapping):
+def store_kv(key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     t, h, d = key.shape
     if t == 0:
         return
@@ -267,12 +316,27 @@ def store_kv(key, value, kv_cache, slot_mapping):
         value = value.contiguous()
     if kv_cache.stride(4) != 1:
         raise ValueError("kv_cache must be contiguous in its last (head_dim) dimension")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     _store_kv_kernel[(t,)](
-        key, value, kv_cache, slot_mapping,
+        key, value, kv_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         H=h, D=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
+        FP8=fp8, SOFT_FP8=fp8 and _INTERPRETED,
     )
+
+
+def quantize_fp8_rows(x):
+    m, n = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = triton.next_power_of_2(n)
+        _quantize_rows_kernel[(m,)](x, q, scale, x.stride(0), n, BLOCK=block, SOFT_FP8=_INTERPRETED,
+                                    num_warps=8 if block >= 4096 else 4)
+    return q, scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,9 +369,11 @@ def _choose_splits(batch: int, hkv: int, max_seq_len: int, block_n: int, device:
 
 def paged_attention(
     q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
-    *, max_query_len=None, max_seq_len=None, num_splits=None, config=None,
+    *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None,
 ):
     """See paged_backend.kernels.paged_attention. num_splits / config override the heuristics (tests, bench)."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0
     t, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
@@ -353,7 +419,7 @@ def paged_attention(
     grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits if split else 1)
     _paged_attn_kernel[grid](
         q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-        scale * LOG2E, float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
+        scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
         q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,

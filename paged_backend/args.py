@@ -33,6 +33,16 @@ class EngineArgs(BaseModel):
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs (CPU: gloo processes) one model is split across; one process per rank"
     )
+    quantization: Optional[Literal["fp8"]] = Field(
+        None,
+        description="fp8: linear weights as float8_e4m3fn with per-output-channel scales, activations "
+        "scaled per token (quantized at load; FP8 checkpoints select it by themselves)",
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="fp8: the KV cache as float8_e4m3fn with per-layer K and V scales (the checkpoint's, "
+        "else 1.0); auto: the model's dtype",
+    )
 
     @field_validator("model")
     @classmethod

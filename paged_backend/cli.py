@@ -30,6 +30,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
                    help="native model code, or transformers' modeling code with paged attention (auto: native if any)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model across")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: float8_e4m3fn linear weights with per-channel scales (quantized at load)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: float8_e4m3fn KV cache with per-layer K/V scales")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def _make_llm(a):
         a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
         max_num_seqs=a.max_num_seqs, model_impl=a.model_impl, tensor_parallel_size=a.tensor_parallel_size,
+        quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
     )
 
 
@@ -121,6 +126,7 @@ def cmd_serve(a) -> int:
     args = dict(model=a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len,
                 load_format=a.load_format, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
                 served_model_name=a.served_model_name, allowed_origins=a.allowed_origins,
                 max_request_bytes=a.max_request_bytes, max_prompts_per_request=a.max_prompts_per_request,
                 max_waiting_requests=a.max_waiting_requests, request_timeout_s=a.request_timeout,

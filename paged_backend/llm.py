@@ -52,6 +52,8 @@ class LLM:
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
         model_impl: str = "auto",
+        quantization: Optional[str] = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
@@ -59,7 +61,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             load_format=load_format, seed=seed, enforce_eager=enforce_eager, model_impl=model_impl,
-            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel_size, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
         )
         self._engine: Optional[Engine] = Engine(self.args)
         self._prepare: Optional[PromptPreparer] = PromptPreparer(self._engine)

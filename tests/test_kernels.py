@@ -326,3 +326,152 @@ def test_non_contiguous_cache(impl):
     batch["kv_cache"] = strided
     got = run_attention(batch, 0.17, impl)
     assert rel_err(got, oracle(batch, 0.17)) < 1e-5
+
+
+# ---------------------------------------------------------------- FP8 (e4m3) KV cache
+
+FP8 = torch.float8_e4m3fn
+
+
+def to_fp8_cache(batch, k_scale, v_scale):
+    """The same batch over a NaN-poisoned float8_e4m3fn cache holding K / k_scale and V / v_scale; the
+    oracle's dense K/V become what the cache holds, dequantized (so it checks the arithmetic exactly)."""
+    dev = batch["kv_cache"].device
+    cache = torch.full(batch["kv_cache"].shape, float("nan"), dtype=FP8)
+    bs = cache.shape[2]
+    for b, (k, v) in enumerate(zip(batch["dense_k"], batch["dense_v"])):
+        p = torch.arange(k.shape[0])
+        slots = batch["block_tables"][b].cpu()[p // bs].long() * bs + p % bs
+        reference.store_kv(k, v, cache, slots, k_scale, v_scale)
+    out = dict(batch, kv_cache=cache.to(dev), k_scale=k_scale, v_scale=v_scale)
+    out["exact_k"], out["exact_v"] = batch["dense_k"], batch["dense_v"]
+    out["dense_k"] = [reference.quantize_fp8(k, k_scale).float() * k_scale for k in batch["dense_k"]]
+    out["dense_v"] = [reference.quantize_fp8(v, v_scale).float() * v_scale for v in batch["dense_v"]]
+    return out
+
+
+def run_fp8(batch, scale, impl, window=None, softcap=None, **kw):
+    out = torch.full_like(batch["q"], float("nan"))
+    return kernels.paged_attention(
+        batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], scale,
+        sliding_window=window, softcap=softcap, out=out, impl=impl, k_scale=batch["k_scale"],
+        v_scale=batch["v_scale"], max_query_len=max(batch["q_lens"]), max_seq_len=max(batch["ctx_lens"]), **kw,
+    )
+
+
+def test_fp8_store_kv_saturates_and_rounds_like_torch():
+    """Both implementations write torch's own e4m3 rounding of x / scale (bit-exact; the interpreted
+    kernel encodes in software), saturating at +-448 instead of producing NaN."""
+    g = torch.Generator().manual_seed(2)
+    t, hkv, d, bs = 9, 2, 32, 16
+    key = torch.randn(t, hkv, d, generator=g) * 4
+    key[0, 0, :8] = torch.tensor([1e4, -1e4, 1.969, 2.0 ** -7, -3e-3, 1e-5, 0.0, 447.9 * 0.5])
+    value = torch.randn(t, hkv, d, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(4 * bs, generator=g)[:t]
+    slots[4] = -1
+    caches = {}
+    for impl in ("reference", "triton"):
+        caches[impl] = torch.zeros(4, 2, bs, hkv, d, dtype=FP8)
+        kernels.store_kv(key, value, caches[impl], slots, k_scale=0.5, v_scale=0.25, impl=impl)
+    assert torch.equal(caches["reference"].view(torch.uint8), caches["triton"].view(torch.uint8))
+    cache = caches["reference"]
+    s = slots[0].item()
+    assert cache[s // bs, 0, s % bs, 0, :8].float().tolist() == [448.0, -448.0, 4.0, 2.0 ** -6, -0.005859375,
+                                                                   0.0, 0.0, 448.0]
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want = (value[i].float() / 0.25).clamp(-448, 448).to(FP8)
+            assert torch.equal(cache[s // bs, 1, s % bs].view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (9, 5.0)])
+def test_fp8_reference_matches_dense_oracle(window, softcap):
+    batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 32, seed=31), 0.05, 0.02)
+    out = run_fp8(batch, 32**-0.5, "reference", window, softcap)
+    assert rel_err(out, oracle(batch, 32**-0.5, window, softcap)) < 1e-5
+
+
+def test_fp8_kv_error_against_unquantized():
+    """The stated tolerance of an fp8 KV cache: e4m3 keeps 3 mantissa bits (relative step 2**-4), so with
+    per-layer scales attention outputs stay within 5 % (relative L2) of the unquantized ones."""
+    batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 64, seed=32), 1.0, 1.0)
+    out = run_fp8(batch, 64**-0.5, "reference")
+    exact = oracle(dict(batch, dense_k=batch["exact_k"], dense_v=batch["exact_v"]), 64**-0.5)
+    err = rel_err(out, exact)
+    assert 1e-3 < err < 0.05, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (23, 10.0)])
+def test_fp8_triton_matches_reference(dtype, window, softcap):
+    """Mixed decode/prefill/chunked batch over an fp8 cache, interpreted Triton against the reference."""
+    batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 64, dtype=dtype, seed=33), 0.03, 0.07)
+    got = run_fp8(batch, 0.125, "triton", window, softcap)
+    assert rel_err(got, run_fp8(batch, 0.125, "reference", window, softcap)) <= TOL[dtype]
+
+
+def test_fp8_triton_split_k_decode():
+    batch = to_fp8_cache(make_batch([1, 1, 1], [300, 17, 129], 8, 2, 64, seed=34), 0.5, 2.0)
+    mod = kernels._triton_module(interpret=True)
+    out = torch.full_like(batch["q"], float("nan"))
+    mod.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
+                        batch["query_start_loc"], 0.125, None, None, out, max_query_len=1, max_seq_len=300,
+                        k_scale=0.5, v_scale=2.0, num_splits=3)
+    assert rel_err(out, run_fp8(batch, 0.125, "reference")) <= 1e-3
+
+
+def test_fp8_copy_blocks_and_bad_scales():
+    cache = torch.randn(6, 2, 4, 2, 8).to(FP8)
+    before = cache.clone()
+    kernels.copy_blocks([cache], torch.tensor([1]), torch.tensor([4]))
+    assert torch.equal(cache[4].view(torch.uint8), before[1].view(torch.uint8))
+    with pytest.raises(ValueError, match="positive finite"):
+        kernels.store_kv(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), cache, torch.tensor([0]), k_scale=0.0)
+    with pytest.raises(ValueError, match="kv_cache dtype"):
+        kernels.store_kv(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), cache.to(torch.float8_e5m2),
+                         torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_quantize_rows(dtype):
+    """Per-token fp8 activations: interpreted Triton and the reference write the same bytes and scales."""
+    x = (torch.randn(5, 200, generator=torch.Generator().manual_seed(3)) * torch.tensor([1e-3, 1, 30, 1e4, 0])[:, None])
+    x = x.to(dtype)
+    (q_ref, s_ref), (q_tri, s_tri) = (kernels.quantize_fp8_rows(x, impl=i) for i in ("reference", "triton"))
+    assert q_ref.dtype == FP8 and s_ref.shape == (5, 1)
+    assert torch.equal(s_ref, s_tri) and torch.equal(q_ref.view(torch.uint8), q_tri.view(torch.uint8))
+    assert q_ref.float().abs().amax(-1)[:4].eq(448).all() and q_ref[4].float().eq(0).all()  # zero row: scale 1e-12
+    assert rel_err(q_ref.float() * s_ref, x.float()) < 0.04
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp8_quantize_rows():
+    x = torch.randn(300, 14336, device="cuda", dtype=torch.bfloat16) * 3
+    (q_ref, s_ref), (q, s) = kernels.quantize_fp8_rows(x, impl="reference"), kernels.quantize_fp8_rows(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 1e-4  # ties at most
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_fp8_kv_matches_reference(d):
+    """Compiled kernels over an fp8 cache (hardware e4m3 conversion) at real shapes, split-K included."""
+    k = torch.randn(100, 8, d, device="cuda", dtype=torch.bfloat16) * 3
+    v = torch.randn_like(k)
+    cache = torch.zeros(64, 2, 16, 8, d, device="cuda", dtype=FP8)
+    expect = cache.clone()
+    slots = torch.randperm(64 * 16, device="cuda")[:100]
+    slots[::7] = -1
+    kernels.store_kv(k, v, cache, slots, k_scale=0.02, v_scale=0.01)
+    reference.store_kv(k, v, expect, slots, 0.02, 0.01)
+    assert torch.equal(cache.view(torch.uint8), expect.view(torch.uint8))
+    for q_lens, ctx in [([1, 200, 1, 37, 1, 512], [3000, 700, 17, 37, 1500, 1000]), ([1] * 4, [5000, 31, 2048, 777])]:
+        batch = make_batch(q_lens, ctx, 32, 8, d, dtype=torch.bfloat16, seed=d)
+        batch = to_fp8_cache(batch, 0.01, 0.005)
+        batch = dict(batch, **{n: batch[n].cuda() for n in ("q", "kv_cache", "block_tables", "seq_lens",
+                                                            "query_start_loc")})
+        for window, softcap in [(None, None), (256, None), (None, 50.0)]:
+            got = run_fp8(batch, d**-0.5, "triton", window, softcap)
+            assert rel_err(got, run_fp8(batch, d**-0.5, "reference", window, softcap)) <= 1e-2

@@ -17,7 +17,7 @@ import torch
 @dataclass
 class Rates:
     copy_bytes_per_s: float  # bytes read + written by a large device-to-device copy (copy_bandwidth)
-    matmul_flops_per_s: float  # a large square matmul in the model's dtype
+    matmul_flops_per_s: float  # a large square matmul in the model's dtype (fp8 _scaled_mm for fp8 weights)
     copy_method: str = ""
 
     def as_dict(self) -> dict:
@@ -72,14 +72,19 @@ def copy_bandwidth(device: torch.device | str = "cuda") -> float:
     return 2 * (1 << 30) * 2 / seconds
 
 
-def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
+def measure_rates(device: torch.device, dtype: torch.dtype, fp8_matmul: bool = False) -> Rates:
     cuda = device.type == "cuda"
     copy = copy_bandwidth(device)
     n = 8192 if cuda else 512
     mm_dtype = dtype if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
-    mm_s = _median_seconds(lambda: a @ b, device, 10)
+    mm = lambda: a @ b  # noqa: E731
+    if fp8_matmul and cuda:  # what fp8 linears run: rowwise-scaled float8_e4m3fn GEMM, bf16 out
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+        mm = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    mm_s = _median_seconds(mm, device, 10)
     del a, b
     return Rates(copy_bytes_per_s=copy, matmul_flops_per_s=2 * n**3 / mm_s,
                  copy_method=COPY_METHOD_CUDA if cuda else "64 MiB fp32 copy_ on the CPU, median of 10")
@@ -101,7 +106,10 @@ class ModelCost:
     attn_flops_per_pair: int  # per (query token, context token) pair, all layers: QK^T and PV
 
     @classmethod
-    def of(cls, config, dtype_bytes: int) -> "ModelCost":
+    def of(cls, config, dtype_bytes: int, weight_bytes: int | None = None,
+           kv_bytes_per_token: int | None = None) -> "ModelCost":
+        """From the config's shapes at dtype_bytes per element, unless the engine reports the bytes it
+        actually stores (fp8 weights / KV cache)."""
         h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
         hq = config.num_attention_heads
         hkv = getattr(config, "num_key_value_heads", None) or hq
@@ -111,10 +119,10 @@ class ModelCost:
         tied = getattr(config, "tie_word_embeddings", False)
         total = layers * per_layer + lm_head * (1 if tied else 2)
         return cls(
-            weight_bytes=total * dtype_bytes,
+            weight_bytes=weight_bytes or total * dtype_bytes,
             matmul_params=layers * per_layer,
             lm_head_params=lm_head,
-            kv_bytes_per_token=layers * 2 * hkv * d * dtype_bytes,
+            kv_bytes_per_token=kv_bytes_per_token or layers * 2 * hkv * d * dtype_bytes,
             attn_flops_per_pair=layers * 4 * hq * d,
         )
 

@@ -47,7 +47,8 @@ def _engine(a, model_dir: str, model_impl: str = "auto"):
     from paged_backend import LLM
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
-              max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size)
+              max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size,
+              quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
@@ -134,10 +135,12 @@ def throughput(a) -> dict:
             else:
                 results.append(peers_mod.run_peer(name, Path(model), peer_requests, dtype, device.type))
     print("[bench] measuring copy bandwidth and matmul rate", flush=True)
-    rates = measure_rates(device, dtype)
+    rates = measure_rates(device, dtype, fp8_matmul=stats.quantization == "fp8")
     tp = a.tensor_parallel_size
-    cost = ModelCost.of(config, torch.finfo(dtype).bits // 8)
-    # tp GPUs: each reads 1/tp of the weights and KV and does 1/tp of the FLOPs (rates measured on one).
+    # Bytes as the engine stores them (fp8 weights and an fp8 cache count one byte per element); with tp
+    # GPUs each reads 1/tp of the weights and KV and does 1/tp of the FLOPs (rates measured on one).
+    cost = ModelCost.of(config, torch.finfo(dtype).bits // 8, weight_bytes=stats.weight_bytes * tp,
+                        kv_bytes_per_token=stats.kv_bytes_per_token * tp)
     floor = floor_seconds(cost, [len(r.prompt) for r in requests], [r.output_len for r in requests],
                           Rates(rates.copy_bytes_per_s * tp, rates.matmul_flops_per_s * tp))
     floor.update(num_gpus=tp, all_reduce=_all_reduce_bytes(config, torch.finfo(dtype).bits // 8, tp, a.max_num_seqs))
@@ -150,7 +153,9 @@ def throughput(a) -> dict:
     for r in results[1:]:  # by output rate: a peer may have run fewer requests (--peer-num-prompts)
         ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), num_requests=len(requests),
+    report = dict(kind="throughput", model=a.model, device=where, dtype=str(dtype), quantization=stats.quantization,
+                  kv_cache_dtype=stats.kv_cache_dtype, weight_bytes=stats.weight_bytes,
+                  kv_bytes_per_token=stats.kv_bytes_per_token, num_requests=len(requests),
                   input_tokens=in_tokens, rates=rates.as_dict(), floor=floor, results=results, timeline=timeline,
                   step_probe=probe and with_floors(probe, cost, rates))
     report["step_probe_lines"] = describe(report["step_probe"]) if probe else []
@@ -174,7 +179,9 @@ def _structured_run(llm, requests: list[Request]) -> dict:
 
 def _print_throughput(rep: dict) -> None:
     r0 = rep["rates"]
-    print(f"\n{rep['model']} on {rep['device']} ({rep['dtype']}): {rep['num_requests']} requests, "
+    print(f"\n{rep['model']} on {rep['device']} ({rep['dtype']}, weights {rep['quantization'] or 'unquantized'} "
+          f"{rep['weight_bytes'] / 2**30:.2f} GiB, KV {rep['kv_cache_dtype']} {rep['kv_bytes_per_token']} B/token): "
+          f"{rep['num_requests']} requests, "
           f"{rep['input_tokens']} prompt tokens | measured: copy {r0['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {r0['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | roofline {rep['floor']['total_s']:.2f} s "
           f"(prefill {rep['floor']['prefill_s']:.2f} + decode {rep['floor']['decode_s']:.2f})")
@@ -257,6 +264,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--max-model-len", type=int, default=2048)
         q.add_argument("--max-num-seqs", type=int, default=256)
         q.add_argument("--kv-cache-memory", type=int, default=None)
+        q.add_argument("--quantization", default=None, choices=["fp8"])
+        q.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
         q.add_argument("--output-len", type=_range, default=(256, 256), help="N or MIN:MAX")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],

@@ -71,6 +71,12 @@ class Engine:
         self.vocab_size = parts.vocab_size
         self.eos_token_ids = parts.eos_token_ids
         self.runner = parts.runner
+        self._memory_stats = dict(
+            quantization=parts.quantization,
+            kv_cache_dtype=parts.kv_cache_dtype,
+            weight_bytes=parts.weight_bytes,
+            kv_bytes_per_token=parts.kv_bytes_per_token,
+        )
         self.block_manager = BlockManager(parts.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, parts.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -432,6 +438,7 @@ class Engine:
             max_seqs_in_step=self.max_seqs_in_step,
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
+            **self._memory_stats,
         )
 
     def shutdown(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -22,3 +23,7 @@ class EngineStats:
     max_seqs_in_step: int  # the largest batch one forward pass has carried
     total_prompt_tokens: int
     total_generated_tokens: int
+    quantization: Optional[str] = None  # "fp8": float8_e4m3fn linear weights
+    kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
+    weight_bytes: int = 0  # model parameters as stored
+    kv_bytes_per_token: int = 0  # K and V of one token, all layers

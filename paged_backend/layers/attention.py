@@ -43,6 +43,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, 2, block_size, Hkv, D], bound by the runner
+        # An fp8 cache holds K / k_scale and V / v_scale: fixed floats (the checkpoint's, else 1.0), so
+        # every request sees the same arithmetic and CUDA graphs capture them as constants.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
@@ -52,7 +56,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        kernels.store_kv(k, v, self.kv_cache, meta.slot_mapping)
+        kernels.store_kv(k, v, self.kv_cache, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
         out = kernels.paged_attention(
             q,
             self.kv_cache,
@@ -64,5 +68,7 @@ class Attention(nn.Module):
             softcap=self.softcap,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return out.view(t, self.num_heads * self.head_dim)

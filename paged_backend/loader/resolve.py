@@ -18,6 +18,7 @@ from .errors import ModelLoadError, ModelNotFoundError
 from .gguf_config import gguf_to_hf_config
 from .gguf_file import read_gguf
 from .hub_cache import find_snapshot, looks_like_repo_id
+from .quantization import checkpoint_quantization
 from .safetensors_reader import check_safetensors, find_weight_files
 from .source import LOAD_FORMATS, ModelSource
 
@@ -124,6 +125,7 @@ def _from_dir(directory: Path, name: str, origin: str, load_format: str) -> Mode
     except Exception as exc:
         raise ModelLoadError(f"could not read {directory / 'config.json'}: {exc}") from exc
     config = full_config.get_text_config()
+    quantization = checkpoint_quantization(full_config)
     composite = config is not full_config  # e.g. a vision-language checkpoint: keep its text model
 
     weight_files: list[Path] = []
@@ -144,6 +146,7 @@ def _from_dir(directory: Path, name: str, origin: str, load_format: str) -> Mode
         eos_token_ids=_eos_ids(directory, config),
         checkpoint_dtype=_checkpoint_dtype(full_config),
         text_prefixes=("model.language_model.", "language_model.model.", "language_model.") if composite else (),
+        quantization=quantization,
     )
 
 

@@ -67,7 +67,8 @@ def check_safetensors(files: list[Path]) -> None:
             ) from exc
 
 
-def iter_safetensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every file; floating tensors cast to dtype (None: as stored)."""
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -88,6 +89,6 @@ def iter_pt_bin(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, to
         del state
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     # Integer/bool buffers (rare in checkpoints) keep their dtype.
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

@@ -34,6 +34,8 @@ class ModelSource:
     checkpoint_dtype: torch.dtype | None = None
     # Composite checkpoints (e.g. Gemma3ForConditionalGeneration): the prefix of the text model's tensors.
     text_prefixes: tuple[str, ...] = ()
+    # "fp8" for an FP8 checkpoint (loader/quantization.py; other quantized checkpoints are refused at resolve).
+    quantization: str | None = None
     _gguf: "GGUFFile | None" = field(default=None, repr=False, compare=False)
 
     @property

@@ -8,12 +8,14 @@ import torch
 
 from .errors import ModelLoadError
 from .gguf_weights import iter_gguf_weights
+from .quantization import dequantize_fp8_weights
 from .safetensors_reader import iter_pt_bin, iter_safetensors
 from .source import ModelSource
 
 
 def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensor names and HF layouts, CPU tensors in ``dtype`` (floating tensors only are cast)."""
+    """HF tensor names and HF layouts, CPU tensors in ``dtype`` (floating tensors only are cast).
+    FP8 checkpoints come out dequantized, plus their per-layer KV-cache scales (`...k_scale`, fp32) if any."""
     if source.kind == "dummy":
         raise ModelLoadError(
             f"{source.name!r} was resolved with load_format='dummy': it has no weights to read; "
@@ -22,7 +24,9 @@ def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str,
     if source.weights_format == "gguf":
         yield from iter_gguf_weights(source.gguf_file(), source.hf_config, dtype)
         return
-    if source.weights_format == "safetensors":
+    if source.weights_format == "safetensors" and source.quantization == "fp8":
+        pairs = dequantize_fp8_weights(iter_safetensors(source.weight_files, None), dtype)
+    elif source.weights_format == "safetensors":
         pairs = iter_safetensors(source.weight_files, dtype)
     elif source.weights_format == "pt":
         pairs = iter_pt_bin(source.weight_files, dtype)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from paged_backend.args import EngineArgs
+from paged_backend.layers.quant import weight_bytes
 from paged_backend.loader import load_tokenizer, resolve_model
 from paged_backend.loader.tokenizer import dir_tokenizer
 from paged_backend.runtime.model_runner import ModelRunner
@@ -32,6 +33,10 @@ class EngineSetup:
     eos_token_ids: set[int]
     num_blocks: int
     runner: ModelRunner | TPExecutor  # the executor runs every rank's runner; same interface
+    quantization: str | None  # "fp8" or None
+    kv_cache_dtype: str  # "bfloat16", "float8_e4m3fn", ...
+    weight_bytes: int  # parameters as stored (fp8 weights one byte each), on rank 0
+    kv_bytes_per_token: int  # K and V of one token over all layers, on rank 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,18 +142,27 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         )
     max_batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
 
-    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched)
+    quantization = args.quantization
+    if source is not None and source.quantization == "fp8" and quantization is None:
+        logger.info("%s is an FP8 checkpoint: running it with quantization='fp8'", args.model)
+        quantization = "fp8"
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
+    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched, quantization, kv_dtype)
     if args.tensor_parallel_size > 1:
         if model is not None:
             raise ValueError("tensor_parallel_size > 1 needs a model name or path (each rank loads its own shard), "
                              "not a model object")
+        if quantization == "fp8":  # the fp8 linear does not shard yet: it would drop the row-parallel all-reduce
+            raise ValueError("quantization='fp8' does not support tensor_parallel_size > 1 yet: use one of them")
         # Checked before any process starts; then rank 0 (this process) and its workers build
         # their shards together.
         validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type, args.model_impl)
         runner = TPExecutor(spec, args.tensor_parallel_size, source)
         num_blocks = runner.num_blocks
+        local = runner.runner
     else:
         runner, num_blocks = build_shard(spec, source, device=device, model=model)
+        local = runner
 
     vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
     return EngineSetup(
@@ -162,4 +176,8 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         eos_token_ids=eos,
         num_blocks=num_blocks,
         runner=runner,
+        quantization=quantization,
+        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+        weight_bytes=weight_bytes(local.model),
+        kv_bytes_per_token=sum(c[0].numel() * c.element_size() for c in local.kv_caches) // args.block_size,
     )

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from paged_backend.args import EngineArgs
 from paged_backend.layers.parallel import SINGLE, TPGroup
+from paged_backend.layers.quant import quantize_linears_fp8
 from paged_backend.loader import ModelLoadError, init_dummy_weights, iter_weight_slices, iter_weights, resolve_model
+from paged_backend.loader.quantization import KV_SCALE_SUFFIXES
 from paged_backend.models.registry import get_model_class, resolve_impl
 from paged_backend.runtime.kv_cache import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -38,6 +40,8 @@ class ShardSpec:
     device_type: str
     max_model_len: int
     max_num_batched_tokens: int
+    quantization: str | None = None  # "fp8": linear weights quantized after load
+    kv_dtype: torch.dtype | None = None  # the KV cache's element type (None: the model's dtype)
 
 
 def build_model(source, spec: ShardSpec, device: torch.device, tp: TPGroup = SINGLE) -> torch.nn.Module:
@@ -70,8 +74,25 @@ def _build_native(source, spec: ShardSpec, device: torch.device, tp: TPGroup) ->
     elif tp.size > 1:
         model.load_weights(iter_weight_slices(source, spec.dtype))  # lazy slices: this rank's rows only
     else:
-        model.load_weights((name, t.to(device)) for name, t in iter_weights(source, spec.dtype))
+        kv_scales: dict[tuple[int, str], float] = {}
+        weights = _split_kv_scales(iter_weights(source, spec.dtype), kv_scales)
+        model.load_weights((name, t.to(device)) for name, t in weights)
+        for (layer, which), value in kv_scales.items():
+            setattr(model.attention_layers()[layer], which, value)
+        if kv_scales:
+            logger.info("KV-cache scales from the checkpoint for %d layers", len({k[0] for k in kv_scales}))
     return model.eval()
+
+
+def _split_kv_scales(weights, scales: dict[tuple[int, str], float]):
+    """Pass model tensors through; keep an FP8 checkpoint's per-layer KV-cache scales
+    (`model.layers.{i}.self_attn.k_scale` / `v_scale`) in `scales` instead."""
+    for name, t in weights:
+        parts = name.split(".")
+        if parts[-1] in KV_SCALE_SUFFIXES and "layers" in parts:
+            scales[(int(parts[parts.index("layers") + 1]), parts[-1])] = float(t.reshape(-1)[0])
+            continue
+        yield name, t
 
 
 def kv_spec_of(model, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
@@ -94,8 +115,13 @@ def build_shard(
     if model is None:
         source = source or resolve_model(args.model, load_format=args.load_format)
         model = build_model(source, spec, device, tp)
+        if spec.quantization == "fp8":
+            n = quantize_linears_fp8(model)
+            logger.info("fp8 weights: %d linear layers quantized to float8_e4m3fn (per-channel scales)", n)
+    elif spec.quantization == "fp8":  # quantizing would rewrite the caller's own model object
+        raise ValueError("quantization='fp8' needs a model name or path, not a loaded model object")
     runner = ModelRunner(model, device, args.block_size, tp)
-    cache = kv_spec_of(model, args.block_size, spec.dtype)
+    cache = kv_spec_of(model, args.block_size, spec.kv_dtype or spec.dtype)
 
     if args.kv_cache_memory is not None:
         budget, where = args.kv_cache_memory, "kv_cache_memory"

@@ -1,0 +1,94 @@
+"""FP8 (e4m3) weights: linear layers quantized at load with one scale per output channel, run with
+dynamic per-token activation scales.
+
+y = (x_q @ w_q^T) * x_scale[m] * w_scale[n], where x_q = x / x_scale (x_scale = amax of the token's row
+/ 448) and w_q = w / w_scale (w_scale = amax of the output channel's row / 448), both float8_e4m3fn.
+On CUDA the product runs in `torch._scaled_mm` (fp8 tensor cores, fp32 accumulation, rowwise scales);
+elsewhere (CPU, or shapes/dtypes `_scaled_mm` does not take) the same fp8 values are widened to fp32
+and multiplied there: the same quantization error, so CPU tests measure what the GPU computes.
+
+The LM head and the embeddings stay unquantized (as in vLLM): they are a small share of the bytes of
+the models we serve and the most sensitive to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paged_backend import kernels
+
+# x [M, K] -> (x_q float8_e4m3fn, scale [M, 1] fp32), x ~= x_q * scale: one kernel on CUDA, torch on CPU.
+quantize_rows = kernels.quantize_fp8_rows
+
+
+def _scaled_mm_ok(x: torch.Tensor, n: int) -> bool:
+    # _scaled_mm's rowwise-scaled fp8 GEMM: CUDA, bf16 output, K and N multiples of 16.
+    return x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and n % 16 == 0
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer with float8_e4m3fn weights [N, K] and per-output-channel fp32 scales [N].
+
+    Built from a loaded nn.Linear (or MergedLinear: its shard layout and `split` carry over)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 shard_sizes: dict[str, int] | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        # [1, N]: the layout _scaled_mm takes for scale_b, and a broadcast row for the fallback.
+        self.weight_scale = nn.Parameter(weight_scale.reshape(1, -1).float().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.shard_sizes = shard_sizes
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        w_q, w_scale = quantize_rows(linear.weight.data)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(w_q, w_scale, bias, getattr(linear, "shard_sizes", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_rows(x2)
+        if _scaled_mm_ok(x2, self.out_features):
+            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        else:
+            y = ((x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The output split back into its shards (for a layer made from a MergedLinear)."""
+        return out.split(list(self.shard_sizes.values()), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3, per-channel scales"
+
+
+def quantize_linears_fp8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every nn.Linear of a loaded model (except those named in `skip`) by an Fp8Linear, one at a
+    time so the peak memory is the unquantized model plus one layer. Returns how many were replaced."""
+    targets = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in skip
+    ]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Fp8Linear.from_linear(linear))
+        linear.weight = None  # drop the unquantized copy now, not at the end of the walk
+    return len(targets)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers as stored (fp8 weights count one byte each; tied ones once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
