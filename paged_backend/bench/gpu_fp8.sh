@@ -23,7 +23,7 @@ for model in llama-3.2-1b llama-3-8b; do
     [ "$variant" = fp8kv ] && flags="$flags --kv-cache-dtype fp8"
     echo "-- $model $variant"
     python -m paged_backend.cli bench throughput --model "$model" $flags \
-      --json "$OUT/workload_a_${model}_${variant}.json" 2>&1 | grep -v Warning | tail -n 6
+      --probe-batch 0 --json "$OUT/workload_a_${model}_${variant}.json" 2>&1 | grep -v Warning | tail -n 6
   done
 done
 
