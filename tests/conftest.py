@@ -119,3 +119,12 @@ def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> l
                                do_sample=False, pad_token_id=0)
             outs.append(y[0, len(ids):].tolist())
     return outs
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: extra threads only add synchronisation, and a busy 2-core box makes them crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
