@@ -39,7 +39,11 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: lis
         return logits
     device = logits.device
     mask = bitmask[: max(rows) + 1].to(device, non_blocking=True)  # page-locked: see GrammarMasks
-    index = torch.tensor(rows, dtype=torch.int32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    # Triton compiles a kernel per class of the row count (1, multiples of 16, others): padded
+    # (a row masked twice is masked the same) it is always one class, compiled by the first step,
+    # never mid-run when the batch first reaches a multiple of 16.
+    padded = rows + rows[-1:] * (-len(rows) % 16)
+    index = torch.tensor(padded, dtype=torch.int32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=index)
     return logits
 
