@@ -24,6 +24,10 @@ class SequenceGrammar:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.accepted: list[int] = []  # the output tokens the matcher has consumed, in order
         self.rejected = False  # a token the grammar does not allow reached it (should not happen)
+        # The grammar is complete and its stop token accepted: nothing more may follow. Kept here
+        # rather than asked of the matcher each time: only accepting a stop token can change it.
+        self.terminated = False
+        self._stop = frozenset(self.matcher.stop_token_ids)
 
     def follow(self, token_ids: Sequence[int], start: int = 0, pending: Optional[int] = None) -> bool:
         """Bring the matcher to the end of the output token_ids[start:] (+ [pending] when given);
@@ -46,18 +50,38 @@ class SequenceGrammar:
                 common += 1
             self.matcher.rollback(n_acc - common)
             del acc[common:]
+            self.terminated = self.matcher.is_terminated()
         for i in range(len(acc), n_out):
             token = at(i)
-            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
-                self.rejected = True
+            if not self.took(token, not self.terminated and self.matcher.accept_token(token)):
                 return False
-            acc.append(token)
         return True
 
-    @property
-    def terminated(self) -> bool:
-        """The grammar is complete and its stop token accepted: nothing more may follow."""
-        return self.matcher.is_terminated()
+    def lacks_one(self, token_ids: Sequence[int], start: int, pending: Optional[int]) -> Optional[int]:
+        """The output's last token (as in `follow`) when it is all the matcher lacks — every step's
+        usual case, which `accept_each` then does for many rows at once — else None."""
+        acc = self.accepted
+        n = len(acc)
+        if self.terminated or n + 1 != len(token_ids) - start + (pending is not None):
+            return None
+        if n and token_ids[start + n - 1] != acc[-1]:
+            return None
+        return token_ids[-1] if pending is None else pending
+
+    def took(self, token: int, ok: bool) -> bool:
+        """Record the matcher's answer to token (accepted or not); returns ok."""
+        if not ok:
+            self.rejected = True
+            return False
+        self.accepted.append(token)
+        self.terminated = token in self._stop and self.matcher.is_terminated()
+        return True
+
+
+def accept_each(grammars: list[SequenceGrammar], tokens: list[int]) -> list[bool]:
+    """grammars[i] accepts tokens[i], for every i in one call; whether each was allowed."""
+    oks = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars], tokens)
+    return [g.took(t, ok) for g, t, ok in zip(grammars, tokens, oks)]
 
 
 def bitmask_width(vocab_size: int) -> int:

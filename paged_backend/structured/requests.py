@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from paged_backend.structured.compiler import GrammarCompiler
-from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar
+from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar, accept_each
 from paged_backend.structured.spec import StructuredOutputs
 
 logger = logging.getLogger("paged_backend")
@@ -77,15 +77,26 @@ class StructuredRequests:
         (already launched): the host fills the masks while the device computes the logits.
         """
         grammars, live = [], []
+        one_behind, tokens, rows = [], [], []
         for i, seq in enumerate(row_seqs):
             if seq.request.grammar is None:
                 continue
-            g = self._grammar(seq)
-            ok = g.follow(seq.token_ids, seq.num_prompt_tokens, pending_token(seq))
-            if ok and not g.terminated:
+            g = seq.grammar or self._grammar(seq)
+            pending = pending_token(seq)
+            token = g.lacks_one(seq.token_ids, seq.num_prompt_tokens, pending)
+            if token is not None:  # the usual case: accepted below, every such row in one call
+                one_behind.append(g)
+                tokens.append(token)
+                rows.append(i)
+            elif g.follow(seq.token_ids, seq.num_prompt_tokens, pending) and not g.terminated:
                 grammars.append(g)
                 live.append(i)
             # else: its last token ends it (or breaks the grammar): what it samples now is dropped
+        if one_behind:
+            for g, ok, i in zip(one_behind, accept_each(one_behind, tokens), rows):
+                if ok and not g.terminated:
+                    grammars.append(g)
+                    live.append(i)
         if not live:
             return None
         if self._filler is None:
