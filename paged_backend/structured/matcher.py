@@ -40,6 +40,8 @@ class SequenceGrammar:
         acc = self.accepted
         n_acc = len(acc)
         n_out = len(token_ids) - start + (pending is not None)
+        if n_acc == n_out and (not n_acc or acc[-1] == (token_ids[-1] if pending is None else pending)):
+            return True  # nothing new (post-processing, after the mask fill took the pending token)
 
         def at(i: int) -> int:  # output token i
             return pending if start + i == len(token_ids) else token_ids[start + i]
