@@ -107,7 +107,7 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
 # against transformers, structured outputs, fp8 quality) share it instead of loading and dequantizing the
 # GGUF again per module. 512 MiB of KV (>= 11,000 tokens for either model) holds every batch they send
 # without preemption; it also keeps the fp8 test's copies of the engine's model (cache included) small.
-BUNDLED_ENGINE_ARGS = dict(dtype="float32", device="cpu", kv_cache_memory=512 << 20)
+BUNDLED_ENGINE_ARGS = dict(dtype="float32", device="cpu", max_model_len=2048, kv_cache_memory=512 << 20)
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +139,23 @@ def reference_model(source):
 
     with no_init_weights():
         return transformers_reference_model(source)
+
+
+# The LangChain modules' SmolLM2 engine arguments: adapters with equal engine arguments share one engine,
+# and the session fixture below keeps it loaded from the first module that uses it to the last.
+LANGCHAIN_SMOLLM = dict(model="smollm2-135m-instruct", dtype="float32", device="cpu", kv_cache_memory=2**27,
+                        max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def langchain_smollm_engine(smollm_tokenizer):
+    """A ChatPagedBackend holding the shared LANGCHAIN_SMOLLM engine for the session."""
+    pytest.importorskip("langchain_core")
+    from paged_backend.adapters.langchain import ChatPagedBackend
+
+    holder = ChatPagedBackend(**LANGCHAIN_SMOLLM)
+    yield holder.async_engine
+    holder.close()
 
 
 @pytest.fixture(scope="session")
