@@ -103,6 +103,73 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
     return make
 
 
+# One engine per bundled model for the whole session: the tests that read the bundled weights (greedy
+# against transformers, structured outputs, fp8 quality) share it instead of loading and dequantizing the
+# GGUF again per module. 512 MiB of KV (>= 11,000 tokens for either model) holds every batch they send
+# without preemption; it also keeps the fp8 test's copies of the engine's model (cache included) small.
+BUNDLED_ENGINE_ARGS = dict(dtype="float32", device="cpu", max_model_len=2048, kv_cache_memory=512 << 20)
+
+
+@pytest.fixture(scope="session")
+def bundled_llm():
+    """Factory: bundled alias -> its session-wide LLM (skips when the alias' package is not installed)."""
+    from paged_backend import LLM
+    from paged_backend.loader import ALIASES
+
+    made = {}
+
+    def get(alias: str):
+        if importlib.util.find_spec(ALIASES[alias].package) is None:
+            pytest.skip(ALIASES[alias].pip_command)
+        if alias not in made:
+            made[alias] = LLM(alias, **BUNDLED_ENGINE_ARGS)
+        return made[alias]
+
+    yield get
+    for llm in made.values():
+        llm.shutdown()
+
+
+def reference_model(source):
+    """transformers' model holding source's weights, built without its random initialisation (every
+    parameter is overwritten by the loaded weights; initialising 270M parameters first costs seconds)."""
+    from transformers.initialization import no_init_weights
+
+    from paged_backend.loader import transformers_reference_model
+
+    with no_init_weights():
+        return transformers_reference_model(source)
+
+
+# The LangChain modules' SmolLM2 engine arguments: adapters with equal engine arguments share one engine,
+# and the session fixture below keeps it loaded from the first module that uses it to the last.
+LANGCHAIN_SMOLLM = dict(model="smollm2-135m-instruct", dtype="float32", device="cpu", kv_cache_memory=2**27,
+                        max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def langchain_smollm_engine(smollm_tokenizer):
+    """A ChatPagedBackend holding the shared LANGCHAIN_SMOLLM engine for the session."""
+    pytest.importorskip("langchain_core")
+    from paged_backend.adapters.langchain import ChatPagedBackend
+
+    holder = ChatPagedBackend(**LANGCHAIN_SMOLLM)
+    yield holder.async_engine
+    holder.close()
+
+
+@pytest.fixture(scope="session")
+def shared_servers(tmp_path_factory, tiny_model_dir):
+    """Real `bentoml serve` processes shared by the modules that use the same server arguments
+    (service_server.SharedServers); stopped at the end of the session."""
+    pytest.importorskip("bentoml")
+    from service_server import SharedServers
+
+    pool = SharedServers(tmp_path_factory.mktemp("shared-servers"), tiny_model_dir("llama"))
+    yield pool
+    pool.stop()
+
+
 def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Reference: transformers generate, fp32, one prompt at a time (no padding effects)."""
     import transformers

@@ -103,3 +103,35 @@ def wait_idle(server: Server, timeout: float = 15.0) -> dict:
         if time.monotonic() > deadline:
             pytest.fail(f"requests still hold KV blocks {timeout} s later: {st}")
         time.sleep(0.1)
+
+
+class SharedServers:
+    """The server configurations several test modules use as they are, each started once per session
+    (a start-up costs a fresh interpreter importing torch, transformers and bentoml, then a model load).
+    Tests on them assert only what holds whatever other modules sent before (they wait for the server to
+    be idle where counts matter). Servers with their own flags (keys, limits, timeouts) stay in their module."""
+
+    def __init__(self, tmp: Path, tiny_model_dir: Path):
+        self.tmp, self.tiny_dir = tmp, tiny_model_dir
+        self.configs = {
+            "tiny": {"model": str(tiny_model_dir), "dtype": "float32", "device": "cpu",
+                     "served_model_name": "tiny", "max_model_len": "512"},
+            "smollm": {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "max_model_len": "1024"},
+        }
+        self.started: dict[str, Server] = {}
+
+    def get(self, *names: str) -> dict[str, Server]:
+        """The named servers, ready; those not yet running start together (their start-ups overlap)."""
+        new = [n for n in names if n not in self.started]
+        for n in new:
+            self.started[n] = Server(self.tmp, n, self.configs[n])
+            if n == "tiny":
+                self.started[n].model_dir = self.tiny_dir  # for tests that compare with an offline engine
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for n in names:  # a server that died since an earlier module used it fails here, with its log
+            self.started[n].wait_ready(deadline)
+        return {n: self.started[n] for n in names}
+
+    def stop(self) -> None:
+        for s in self.started.values():
+            s.stop()

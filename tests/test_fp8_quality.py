@@ -15,7 +15,6 @@ same kernels), so the arithmetic measured is the engine's.
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ import torch
 from paged_backend import LLM, SamplingParams
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.quant import quantize_linears_fp8
-from paged_backend.loader import ALIASES
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
@@ -154,12 +152,8 @@ BUNDLED_BOUNDS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", sorted(BUNDLED_BOUNDS))
-def test_fp8_quality_bundled(alias):
-    package = ALIASES[alias].package
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(ALIASES[alias].pip_command)
-    llm = LLM(model=alias, max_model_len=512, kv_cache_memory=64 << 20)
-    check(measure(llm), BUNDLED_BOUNDS[alias])
+def test_fp8_quality_bundled(alias, bundled_llm):
+    check(measure(bundled_llm(alias)), BUNDLED_BOUNDS[alias])
 
 
 def test_fp8_engine_end_to_end(tiny_model_dir):

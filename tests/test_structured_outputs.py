@@ -25,9 +25,8 @@ def _schema(s) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llm(smollm_tokenizer):
-    with LLM("smollm2-135m-instruct", dtype="float32", device="cpu") as llm:
-        yield llm
+def llm(bundled_llm):
+    return bundled_llm("smollm2-135m-instruct")
 
 
 def _json_params(temperature: float, seed_base: int = 0) -> list[SamplingParams]:
