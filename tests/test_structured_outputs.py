@@ -189,14 +189,16 @@ def test_bitmask_covers_a_model_vocab_larger_than_the_tokenizer(smollm_tokenizer
     tok = smollm_tokenizer
     vocab = len(tok) + 100
     compiled = GrammarCompiler(tok, vocab, [tok.eos_token_id]).submit(StructuredOutputs(choice=["yes", "no"])).result()
-    mask = BitmaskFiller(vocab).fill([SequenceGrammar(compiled)])
+    mask = torch.zeros(2, -(-vocab // 32), dtype=torch.int32)  # row 0 unconstrained: never read
+    BitmaskFiller(vocab).fill([SequenceGrammar(compiled)], mask.numpy(), [1])
     logits = torch.zeros(2, vocab)
     logits[:, len(tok):] = 100.0  # the padded ids would win without the mask
     apply_grammar_bitmask(logits, mask, [1])
-    assert torch.isinf(logits[1, len(tok):]).all() and logits[0, len(tok):].eq(100).all()
+    assert torch.isinf(logits[1, len(tok):]).all() and logits[0].isfinite().all()
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all(("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t]))) for t in allowed)
-    assert np.asarray(mask).shape == (1, -(-vocab // 32))
+    with pytest.raises(ValueError, match="bitmask buffer"):
+        BitmaskFiller(vocab).fill([SequenceGrammar(compiled)], np.zeros((1, 3), dtype=np.int32), [0])
 
 
 def test_forced_tool_calls_through_llm_chat(llm):
@@ -234,3 +236,53 @@ def test_constrained_rows_do_not_stall_the_pipeline(llm):
     while engine.has_unfinished_requests():
         texts += [o.outputs[0].text for o in engine.step() if o.finished]
     assert re.fullmatch("[0-9]{6}", texts[-1])
+
+
+def _random_masks(rng: np.random.Generator, rows: int, width: int) -> np.ndarray:
+    """Every kind of row: random bits, one allowed token, all but a few allowed, all allowed."""
+    mask = np.zeros((rows, width), dtype=np.int32)
+    for i in range(rows):
+        kind = i % 4
+        if kind == 0:
+            mask[i] = rng.integers(-2**31, 2**31 - 1, size=width, dtype=np.int64).astype(np.int32)
+        elif kind == 1:
+            mask[i, rng.integers(0, width)] = 1 << int(rng.integers(0, 31))
+        else:
+            mask[i] = -1
+            if kind == 2:
+                mask[i, rng.integers(0, width)] = 0
+    return mask
+
+
+@pytest.mark.parametrize("vocab", [100, 49152 + 7])
+def test_cpu_mask_application_matches_xgrammar_kernel(vocab):
+    """The CPU path (a whole row at a time) masks exactly what xgrammar's own kernel masks."""
+    import xgrammar as xgr
+
+    from paged_backend.runtime.grammar_mask import apply_grammar_bitmask
+
+    mask = _random_masks(np.random.default_rng(vocab), 12, -(-vocab // 32))
+    rows = [0, 1, 2, 3, 5, 6, 9, 11]
+    logits = torch.randn(12, vocab)
+    expected, got = logits.clone(), logits.clone()
+    xgr.apply_token_bitmask_inplace(expected, torch.from_numpy(mask), vocab_size=vocab, indices=rows)
+    apply_grammar_bitmask(got, torch.from_numpy(mask), rows)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mask_from_the_page_locked_buffer_matches_the_cpu():
+    """On CUDA: the engine's page-locked buffer, the constrained rows only (padded to one row-count
+    class), xgrammar's kernel: the same logits as on the CPU, for every batch size."""
+    from paged_backend.runtime.grammar_mask import GrammarMasks, apply_grammar_bitmask
+
+    vocab, masks, rng = 128256, GrammarMasks(), np.random.default_rng(0)
+    for n in (1, 5, 16, 33, 256):
+        buf = masks.buffer(n, vocab // 32, torch.device("cuda"))
+        assert buf.is_pinned()
+        buf.numpy()[:] = _random_masks(rng, n, vocab // 32)
+        rows = sorted(rng.choice(n, size=max(1, n // 2), replace=False).tolist())
+        logits = torch.randn(n, vocab)
+        on_gpu = apply_grammar_bitmask(logits.cuda(), buf, rows).cpu()
+        assert torch.equal(on_gpu, apply_grammar_bitmask(logits, buf.clone(), rows)), n

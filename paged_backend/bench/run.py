@@ -48,7 +48,7 @@ def _engine(a, model_dir: str, model_impl: str = "auto"):
 
     kw = dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, load_format=a.load_format,
               max_num_seqs=a.max_num_seqs, model_impl=model_impl, tensor_parallel_size=a.tensor_parallel_size,
-              quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+              quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager)
     if a.kv_cache_memory:
         kw["kv_cache_memory"] = a.kv_cache_memory
     print(f"[bench] loading our engine ({model_dir}; weight loading, KV sizing, CUDA graph capture)", flush=True)
@@ -271,6 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--model-impl", default=["auto"], type=lambda s: [x for x in s.split(",") if x],
                        help="auto | native | transformers; comma-separated runs each in turn (throughput)")
         q.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
+        q.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
         q.add_argument("--json", default=None, help="write the results here")
     t.add_argument("--num-prompts", type=int, default=256)
     t.add_argument("--input-len", type=_range, default=(100, 1024), help="N or MIN:MAX (random token ids)")

@@ -269,7 +269,7 @@ class Engine:
             num_logit_rows += 1
         released, self._released_seeds = self._released_seeds, []
         # The grammar masks are filled after the forward pass is launched (see _pending_token).
-        masks = (lambda: self.structured.bitmask(row_seqs, self._pending_token)) if self.structured.any(row_seqs) else None
+        masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out)) if self.structured.any(row_seqs) else None
         sampled = self.runner.execute(with_sampling(step, rows, sample_from, released), grammar_mask=masks)
         for k, seq in enumerate(row_seqs):
             # every token it knows of is computed now; the one just sampled is the next

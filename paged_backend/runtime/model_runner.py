@@ -82,9 +82,9 @@ class ModelRunner:
             return None
         if step.sample_from is not None:  # forked siblings sample from their parent's row
             logits = logits.index_select(0, to_device(step.sample_from, torch.int64, self.device))
-        # grammar_mask() -> (bitmask, rows) or None: structured-output masks, asked for only now so
-        # that the host fills them while the device runs this step's forward pass.
-        sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask and grammar_mask())
+        # grammar_mask(bitmask) fills the structured-output masks; the sampler calls it once this
+        # step's kernels are queued, so that the host fills them while the device runs them.
+        sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask)
         self._last_sampled = sampled.token_ids
         return sampled
 

@@ -24,7 +24,7 @@ import torch
 
 from paged_backend.params import SamplingParams
 from paged_backend.runtime import logits_processors as lp
-from paged_backend.runtime.grammar_mask import apply_grammar_bitmask
+from paged_backend.runtime.grammar_mask import GrammarMasks, apply_grammar_bitmask
 from paged_backend.runtime.sampling_row import SamplingRow
 from paged_backend.runtime.transfer import HostResult, to_device
 
@@ -203,6 +203,7 @@ class Sampler:
 
     def __init__(self):
         self._generators: dict[int, torch.Generator] = {}
+        self._grammar_masks = GrammarMasks()
 
     def _generators_for(self, rows: list[SamplingRow], device: torch.device) -> list[torch.Generator | None]:
         gens: list[torch.Generator | None] = []
@@ -225,8 +226,11 @@ class Sampler:
         return self.sample(logits, rows).resolve()
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow], grammar_mask=None) -> SampledTokens:
-        """grammar_mask: (bitmask, row indices) of the rows under a grammar (structured outputs):
-        the tokens it forbids are removed before greedy choice, temperature and the filters."""
+        """grammar_mask (structured outputs): ``fill(bitmask) -> rows`` fills row r of the int32
+        host bitmask [N, ceil(V / 32)] for each row r under a grammar and returns those rows (None
+        if none). It is called only once this step's kernels are queued, so the host fills the
+        masks while the device computes; the tokens they forbid are removed before greedy choice,
+        temperature and the filters. The logits may be masked in place."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
@@ -235,12 +239,18 @@ class Sampler:
         logits = logits.float()
         vocab = logits.shape[1]
         greedy = [_is_greedy(r.params) for r in rows]
+        want = [r.params.logprobs for r in rows]
+        max_k = min(max((k for k in want if k is not None), default=0), vocab)
+        # Logprobs are of the raw logits: what they need of them is taken before any in-place mask.
+        raw_logprobs = logits.log_softmax(dim=1) if max_k > 0 else None
+        raw_lse = logits.logsumexp(dim=1) if max_k == 0 else None
 
         penalised = apply_penalties_and_masks(logits, rows)
         if grammar_mask is not None:
-            if penalised is logits:  # logprobs are of the raw logits: keep them unmasked
-                penalised = logits.clone()
-            apply_grammar_bitmask(penalised, *grammar_mask)
+            bitmask = self._grammar_masks.buffer(len(rows), -(-vocab // 32), logits.device)
+            masked_rows = grammar_mask(bitmask.numpy())
+            if masked_rows:
+                apply_grammar_bitmask(penalised, bitmask, masked_rows)
         token_ids = penalised.argmax(dim=1)
         if not all(greedy):
             batch = _RowParams.build(rows, vocab, logits.device)
@@ -249,13 +259,11 @@ class Sampler:
             sampled = (probs / noise).argmax(dim=1)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
 
-        want = [r.params.logprobs for r in rows]
-        max_k = min(max((k for k in want if k is not None), default=0), vocab)
         if max_k > 0:
-            raw_logprobs = logits.log_softmax(dim=1)
             chosen_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
             top = raw_logprobs.topk(max_k, dim=1)
             return SampledTokens(token_ids, chosen_lp, (top.values, top.indices), want)
         # Only the chosen token's log-probability: logit - logsumexp, without a [N, V] log_softmax.
-        chosen_lp = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
+        # (A masked row's chosen token is one its mask allows: its logit there is still the raw one.)
+        chosen_lp = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - raw_lse
         return SampledTokens(token_ids, chosen_lp, (), want)

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from paged_backend.structured.compiler import GrammarCompiler
-from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar
+from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar, accept_each
 from paged_backend.structured.spec import StructuredOutputs
 
 logger = logging.getLogger("paged_backend")
@@ -68,37 +68,47 @@ class StructuredRequests:
     def any(row_seqs: list) -> bool:
         return any(seq.request.grammar is not None for seq in row_seqs)
 
-    def bitmask(self, row_seqs: list, pending_token) -> Optional[tuple[np.ndarray, list[int]]]:
-        """The step's bitmask for its constrained rows and their row indices (None if there are none).
+    def bitmask(self, row_seqs: list, pending_token, out: np.ndarray) -> Optional[list[int]]:
+        """Fill row i of out (int32 [len(row_seqs), width]) with row_seqs[i]'s mask for each
+        constrained row; the rows filled (None if there are none).
 
         pending_token(seq): the token seq sampled last step that the host has not appended yet, or
         None. Asking for it waits only for last step's sampling, not for this step's forward pass
         (already launched): the host fills the masks while the device computes the logits.
         """
-        rows = [i for i, seq in enumerate(row_seqs) if seq.request.grammar is not None]
-        if not rows:
-            return None
         grammars, live = [], []
-        for i in rows:
-            seq = row_seqs[i]
-            g = self._grammar(seq)
+        one_behind, tokens, rows = [], [], []
+        for i, seq in enumerate(row_seqs):
+            if seq.request.grammar is None:
+                continue
+            g = seq.grammar or self._grammar(seq)
             pending = pending_token(seq)
-            ok = g.follow(seq.output_token_ids if pending is None else [*seq.output_token_ids, pending])
-            if ok and not g.terminated:
+            token = g.lacks_one(seq.token_ids, seq.num_prompt_tokens, pending)
+            if token is not None:  # the usual case: accepted below, every such row in one call
+                one_behind.append(g)
+                tokens.append(token)
+                rows.append(i)
+            elif g.follow(seq.token_ids, seq.num_prompt_tokens, pending) and not g.terminated:
                 grammars.append(g)
                 live.append(i)
             # else: its last token ends it (or breaks the grammar): what it samples now is dropped
-        if self._filler is None:
-            self._filler = BitmaskFiller(self.compiler.vocab_size)
+        if one_behind:
+            for g, ok, i in zip(one_behind, accept_each(one_behind, tokens), rows):
+                if ok and not g.terminated:
+                    grammars.append(g)
+                    live.append(i)
         if not live:
             return None
-        return self._filler.fill(grammars), live
+        if self._filler is None:
+            self._filler = BitmaskFiller(self.compiler.vocab_size)
+        self._filler.fill(grammars, out, live)
+        return live
 
     def follow(self, seq) -> Optional[str]:
         """Advance seq's matcher over its newest token: "stop" once the grammar has ended (its stop
         token accepted), "abort" if the token breaks the grammar, None otherwise."""
         g = self._grammar(seq)
-        if not g.follow(seq.output_token_ids):
+        if not g.follow(seq.token_ids, seq.num_prompt_tokens):
             logger.error("request %s: sampled token %d is outside its grammar", seq.request.request_id, seq.token_ids[-1])
             return "abort"
         return "stop" if g.terminated else None
