@@ -76,18 +76,39 @@ def test_steps_are_pipelined_and_ends_are_exact(llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     expected = llm.generate([_ids(20, 7)], greedy, use_tqdm=False)[0].outputs[0].token_ids
     stop_at = expected[2]
-    req = engine.add_request(_ids(20, 7), SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[stop_at]))
-    seq = req.seqs[0]
-    assert engine.step() == []  # prefill launched, its token still on the device
-    assert seq.pending is not None and seq.num_output_tokens == 0
-    engine.step()  # the next decode step is launched first, then the first token is read back
-    assert seq.num_output_tokens == 1 and seq.pending is not None
-    finals = []
-    while engine.has_unfinished_requests():
-        finals += [o for o in engine.step() if o.finished]
+    assert not engine.overlap_steps  # the CPU default; the GPU's pipelining is forced here
+    engine.overlap_steps = True
+    try:
+        req = engine.add_request(_ids(20, 7), SamplingParams(temperature=0.0, max_tokens=5, stop_token_ids=[stop_at]))
+        seq = req.seqs[0]
+        assert engine.step() == []  # prefill launched, its token still on the device
+        assert seq.pending is not None and seq.num_output_tokens == 0
+        engine.step()  # the next decode step is launched first, then the first token is read back
+        assert seq.num_output_tokens == 1 and seq.pending is not None
+        finals = []
+        while engine.has_unfinished_requests():
+            finals += [o for o in engine.step() if o.finished]
+    finally:
+        engine.overlap_steps = False
     out = finals[-1].outputs[0]
     assert out.token_ids == expected[: expected.index(stop_at) + 1] and out.finish_reason == "stop"
     assert llm.stats().num_blocks_used == 0
+
+
+def test_cpu_steps_return_their_own_tokens(llm):
+    """On the CPU nothing overlaps: each step returns the token it computed (the first with the prefill)
+    and the step that samples a sequence's last token ends it."""
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    expected = llm.generate([_ids(20, 8)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    req = engine.add_request(_ids(20, 8), greedy)
+    steps_before = engine.num_steps
+    for n in (1, 2):
+        (out,) = engine.step()
+        assert out.outputs[0].token_ids == expected[:n] and not out.finished and req.seqs[0].pending is None
+    (out,) = engine.step()
+    assert out.finished and out.outputs[0].token_ids == expected
+    assert engine.num_steps - steps_before == 3 and not engine.has_unfinished_requests()
 
 
 def test_stop_strings_and_token_ids(llm):

@@ -57,6 +57,21 @@ def test_rms_norm_of_strided_heads():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (37, 576), (3, 9, 64), (5, 2048)])
+def test_reference_rms_norm_is_transformers_bitwise(dtype, shape):
+    """The CPU twin (torch's fused rms_norm where the math is all fp32) gives transformers' exact bits."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = randn(*shape, dtype=dtype, seed=5) * 4
+    for cls, gemma in ((LlamaRMSNorm, False), (GemmaRMSNorm, True)):
+        hf = cls(shape[-1], eps=1e-6).to(dtype)
+        with torch.no_grad():
+            hf.weight.copy_(randn(shape[-1], dtype=dtype, seed=6))
+            assert torch.equal(kernels.rms_norm(x, hf.weight, 1e-6, gemma=gemma, impl="reference"), hf(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 def test_gated_activation(dtype, activation):
     x = randn(6, 2 * 40, dtype=dtype) * 2

@@ -129,15 +129,22 @@ def test_reference_low_precision(dtype):
     assert rel_err(out, oracle(batch, 0.125)) < TOL[dtype]
 
 
-def test_reference_many_decodes_grouped(monkeypatch):
-    """Decode batches split into several padded groups give the same result as one group."""
-    lens = [5, 300, 17, 64, 1, 129, 33, 250]
+def test_reference_many_decodes():
+    """Decode tokens over contexts of many lengths (block-size multiples, partial blocks, one token) in one batch."""
+    lens = [5, 300, 17, 64, 1, 129, 33, 250, 16]
     batch = make_batch([1] * len(lens), lens, 8, 2, 64, seed=5)
-    full = run_attention(batch, 0.125, "reference")
-    monkeypatch.setattr(reference, "_DECODE_GATHER_BYTES", 4096 * 8)
-    split = run_attention(batch, 0.125, "reference")
-    assert rel_err(split, oracle(batch, 0.125)) < 1e-5
-    assert rel_err(full, split) < 1e-6
+    assert rel_err(run_attention(batch, 0.125, "reference"), oracle(batch, 0.125)) < 1e-5
+
+
+def test_reference_lone_decode_is_unmasked_sdpa():
+    """A decode token sees its whole context: bitwise the unmasked sdpa call transformers makes for it."""
+    batch = make_batch([1], [45], 8, 2, 64, seed=12)
+    out = run_attention(batch, 0.125, "reference")
+    q = batch["q"].transpose(0, 1).unsqueeze(0)
+    k = batch["dense_k"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
+    v = batch["dense_v"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125)
+    torch.testing.assert_close(out, sdpa[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
 
 
 def test_reference_matches_sdpa_exactly_for_plain_prefill():

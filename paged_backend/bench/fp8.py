@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from paged_backend import kernels
+from paged_backend.bench.roofline import copy_bandwidth
 from paged_backend.layers.quant import Fp8Linear, quantize_rows
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -103,13 +104,6 @@ def _attn(b, impl=None, out=None):
         max_query_len=b["max_query_len"], max_seq_len=b["max_seq_len"], impl=impl, **scales)
 
 
-def copy_bandwidth() -> float:
-    x = torch.randn(1 << 30, device=DEV, dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
-    return 2 * x.numel() * 2 / ms / 1e9  # TB/s, read + write
-
-
 def linear_table() -> list[dict]:
     rows = []
     for name, (k, n) in LINEARS.items():
@@ -158,7 +152,7 @@ def main() -> int:
               f"vs bf16 (quantization error) {r['err_vs_bf16']:.3f}")
     for r in report["attention_checks"]:
         print(f"check fp8-KV attention {r['case']:22s} rel err {r['rel_err']:.1e}")
-    report["copy_TBps"] = copy_tbps = copy_bandwidth()
+    report["copy_TBps"] = copy_tbps = copy_bandwidth(DEV) / 1e12
     print(f"\ncopy bandwidth {copy_tbps:.2f} TB/s")
     report["linears"] = linear_table()
     print(f"{'linear':8s} {'M':>5s} {'bf16 us':>9s} {'fp8 us':>9s} {'speedup':>8s} {'fp8 TFLOP/s':>12s} {'fp8 weight TB/s':>16s}")

@@ -89,6 +89,11 @@ class Engine:
         self.total_generated_tokens = 0
         self.num_preemptions = 0
         self._in_flight: Optional[_LaunchedStep] = None  # launched, its tokens not read back yet
+        # Whether a step stays in flight while the next one launches. On the CPU the forward pass has
+        # finished when execute returns: there is nothing to overlap, and keeping the step in flight
+        # would only hold its tokens back by one more forward pass (the first token included) and
+        # spend a pass on sequences that already stopped. Tests set it to run the pipelined path on CPU.
+        self.overlap_steps = self.device.type != "cpu"
         self._released_seeds: list[int] = []  # seeded sequences that ended since the last launch
         self._failures: list[tuple[list[str], BaseException]] = []  # of the current step
 
@@ -170,7 +175,8 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
-        """Launch one step, then post-process the previous one while the GPU runs this one.
+        """Launch one step, then post-process the previous one while the GPU runs this one (on the
+        CPU, where the launch returns only when the forward pass is done, this one right away).
 
         Returns the outputs of the requests the previous step advanced (only the finished ones
         when emit_unfinished is False: the offline API needs nothing else). A sequence sampled in
@@ -205,6 +211,9 @@ class Engine:
             finish_in_flight()
         elif launched is None and not sched.scheduled and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
+        if launched is not None and not self.overlap_steps:
+            outputs += self._guarded(launched.request_ids(), [], self._finish, launched, emit_unfinished)
+            launched = None
         self._in_flight = launched
         if self._failures:
             failed = [rid for ids, _ in self._failures for rid in ids]
