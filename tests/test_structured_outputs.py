@@ -317,7 +317,7 @@ def test_masks_fill_while_the_previous_step_is_post_processed(llm, monkeypatch):
     params = _json_params(0.0)[:2] + [SamplingParams(max_tokens=30, temperature=0.0)]
     alone = [llm.generate(PROMPT, p, use_tqdm=False)[0].outputs[0].token_ids for p in params]
     # Steps overlap as on a GPU (an engine that finishes each CPU step at once has none in flight).
-    monkeypatch.setattr(llm.engine, "overlap_steps", True, raising=False)
+    monkeypatch.setattr(llm.engine, "overlap_steps", True)
     monkeypatch.setattr(BitmaskFiller, "fill", fill_waiting_for_post_processing)
     monkeypatch.setattr(Engine, "_finish", finish_announced)
     monkeypatch.setattr(StructuredRequests, "_sync", sync_then_await_post_processing)
