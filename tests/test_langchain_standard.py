@@ -96,6 +96,16 @@ class TestChatPagedBackendIntegration(_Declared, ChatModelIntegrationTests):
     def test_structured_output(self, model, schema_type) -> None:
         super().test_structured_output(model, schema_type)
 
+    @pytest.mark.xfail(reason="135M model: the grammar keeps the Joke valid JSON, but the greedy 'setup' string can run "
+                              "past max_tokens=100 before 'punchline' starts (seen in CI, 2026-11-27): a truncated object")
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model, schema_type) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @pytest.mark.xfail(reason="135M model: the Joke's 'setup' string can run past max_tokens=100 (see above)")
+    def test_structured_output_pydantic_2_v1(self, model) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
+
     @pytest.mark.xfail(run=False, reason="135M model: the forced call's customer-name string runs past 100 tokens")
     def test_unicode_tool_call_integration(self, model, **kwargs) -> None: ...
 
