@@ -20,28 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
 
 from paged_backend import kernels
+# the kernel bench's shapes, random paged batches, timing and error measure
+from paged_backend.bench.kernels import DEV, HKV, HQ, D, graph_median_ms, paged_batch, rel_err
 from paged_backend.bench.roofline import copy_bandwidth
 from paged_backend.layers.quant import Fp8Linear, quantize_rows
 
-HQ, HKV, D, BS = 32, 8, 128, 16
-DEV = "cuda"
 # Llama-3-8B projections (in, out): qkv, o, gate_up, down.
 LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _graph_ms(fn) -> float:
-    try:
-        return do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except Exception:  # not capturable: plain launches
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _fp8_linear(k: int, n: int) -> tuple[torch.Tensor, Fp8Linear]:
@@ -71,30 +58,11 @@ def check_attention() -> list[dict]:
              ("decode split b2", [1, 1], [16384, 9001]),
              ("mixed prefill+decode", [512, 1, 1, 300], [2012, 4000, 33, 300])]
     for name, ql, cl in cases:
-        b = _paged(ql, cl, torch.float8_e4m3fn)
+        b = paged_batch(ql, cl, kv_dtype=torch.float8_e4m3fn)
         got = _attn(b)
         ref = _attn(b, impl="reference")
         rows.append(dict(case=name, rel_err=rel_err(got, ref)))
     return rows
-
-
-def _paged(q_lens, ctx_lens, kv_dtype, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    nbs = [-(-c // BS) for c in ctx_lens]
-    n = sum(nbs) + 1
-    cache = torch.empty(n, 2, BS, HKV, D, device=DEV, dtype=kv_dtype)
-    for i in range(0, n, 4096):  # random K/V written in chunks (an fp8 cast needs a float source)
-        cache[i : i + 4096] = torch.randn(cache[i : i + 4096].shape, device=DEV, generator=g).to(kv_dtype)
-    perm = torch.randperm(n, device=DEV, generator=g).to(torch.int32)
-    bt = torch.zeros(len(ctx_lens), max(nbs), dtype=torch.int32, device=DEV)
-    pos = 0
-    for i, nb in enumerate(nbs):
-        bt[i, :nb] = perm[pos : pos + nb]
-        pos += nb
-    q = torch.randn(sum(q_lens), HQ, D, device=DEV, dtype=torch.bfloat16, generator=g)
-    qsl = torch.tensor([0] + list(q_lens), device=DEV).cumsum(0).to(torch.int32)
-    return dict(q=q, kv_cache=cache, block_tables=bt, seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=DEV),
-                query_start_loc=qsl, max_query_len=max(q_lens), max_seq_len=max(ctx_lens))
 
 
 def _attn(b, impl=None, out=None):
@@ -110,8 +78,8 @@ def linear_table() -> list[dict]:
         w, lin = _fp8_linear(k, n)
         for m in (256, 8192):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-            bf16_ms = _graph_ms(lambda: F.linear(x, w))
-            fp8_ms = _graph_ms(lambda: lin(x))
+            bf16_ms = graph_median_ms(lambda: F.linear(x, w))
+            fp8_ms = graph_median_ms(lambda: lin(x))
             rows.append(dict(linear=name, m=m, bf16_ms=bf16_ms, fp8_ms=fp8_ms, speedup=bf16_ms / fp8_ms,
                              bf16_weight_TBps=n * k * 2 / bf16_ms / 1e9, fp8_weight_TBps=n * k / fp8_ms / 1e9,
                              bf16_TFLOPs=2 * m * n * k / bf16_ms / 1e9, fp8_TFLOPs=2 * m * n * k / fp8_ms / 1e9))
@@ -126,9 +94,9 @@ def decode_table(copy_tbps: float) -> list[dict]:
                 continue
             row = dict(batch=bsz, context=ctx)
             for label, dt in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-                b = _paged([1] * bsz, [ctx] * bsz, dt, seed=bsz + ctx)
+                b = paged_batch([1] * bsz, [ctx] * bsz, seed=bsz + ctx, kv_dtype=dt)
                 out = torch.empty_like(b["q"])
-                ms = _graph_ms(lambda: _attn(b, out=out))
+                ms = graph_median_ms(lambda: _attn(b, out=out))
                 nbytes = bsz * ctx * HKV * D * 2 * b["kv_cache"].element_size() + 2 * bsz * HQ * D * 2
                 row[f"{label}_us"] = ms * 1e3
                 row[f"{label}_copy_fraction"] = nbytes / ms / 1e9 / copy_tbps

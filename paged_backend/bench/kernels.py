@@ -49,12 +49,19 @@ def graph_median_ms(fn):
         return median_ms(fn)
 
 
-def paged_batch(q_lens, ctx_lens, dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, seed=0):
-    """Random cache with shuffled block ids; every sequence's blocks full of random K/V."""
+def paged_batch(q_lens, ctx_lens, dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, seed=0, kv_dtype=None):
+    """Random cache with shuffled block ids; every sequence's blocks full of random K/V.
+    kv_dtype: the cache's dtype when it differs from q's (an fp8 cache)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     nbs = [triton.cdiv(c, BS) for c in ctx_lens]
     n = sum(nbs) + 1
-    cache = torch.randn(n, 2, BS, hkv, d, device=DEV, dtype=dtype, generator=g)
+    kv_dtype = kv_dtype or dtype
+    if kv_dtype == torch.float8_e4m3fn:  # randn has no fp8: drawn in fp32 and cast, in chunks
+        cache = torch.empty(n, 2, BS, hkv, d, device=DEV, dtype=kv_dtype)
+        for i in range(0, n, 4096):
+            cache[i : i + 4096] = torch.randn(cache[i : i + 4096].shape, device=DEV, generator=g).to(kv_dtype)
+    else:
+        cache = torch.randn(n, 2, BS, hkv, d, device=DEV, dtype=kv_dtype, generator=g)
     perm = torch.randperm(n, device=DEV, generator=g).to(torch.int32)
     bt = torch.zeros(len(ctx_lens), max(nbs), dtype=torch.int32, device=DEV)
     pos = 0
