@@ -140,22 +140,23 @@ def test_reference_lone_decode_is_unmasked_sdpa():
     """A decode token sees its whole context: bitwise the unmasked sdpa call transformers makes for it."""
     batch = make_batch([1], [45], 8, 2, 64, seed=12)
     out = run_attention(batch, 0.125, "reference")
-    q = batch["q"].transpose(0, 1).unsqueeze(0)
-    k = batch["dense_k"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
-    v = batch["dense_v"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125)
-    torch.testing.assert_close(out, sdpa[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, _one_sequence_sdpa(batch, is_causal=False), rtol=1e-6, atol=1e-6)
 
 
 def test_reference_matches_sdpa_exactly_for_plain_prefill():
     """No prefix, no window, no softcap: bitwise what transformers' sdpa path computes in fp32."""
     batch = make_batch([19], [19], 8, 2, 64, seed=11)
     out = run_attention(batch, 0.125, "reference")
+    torch.testing.assert_close(out, _one_sequence_sdpa(batch, is_causal=True), rtol=1e-6, atol=1e-6)
+
+
+def _one_sequence_sdpa(batch, is_causal: bool) -> torch.Tensor:
+    """The sdpa call transformers makes for a batch's one sequence (8 q / 2 kv heads, scale 0.125), [T, H, D]."""
     q = batch["q"].transpose(0, 1).unsqueeze(0)
     k = batch["dense_k"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
     v = batch["dense_v"][0].repeat_interleave(4, 1).transpose(0, 1).unsqueeze(0)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125)
-    torch.testing.assert_close(out, sdpa[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.125)
+    return sdpa[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------- store_kv / copy_blocks
