@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from paged_backend.runtime.distributed import Rendezvous, destroy_groups, device_for, init_groups, open_store
 from paged_backend.runtime.shard import ShardSpec, build_shard
+from paged_backend.runtime.step_channel import open_receiver
 
 logger = logging.getLogger("paged_backend")
 
@@ -31,7 +32,7 @@ _PARENT_POLL_S = 0.5
 
 
 def receive(control) -> object:
-    """The next object rank 0 broadcasts on the control group (a step input, or None to stop)."""
+    """The next object rank 0 broadcasts on the control group (the shard spec, once)."""
     box = [None]
     dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
@@ -58,7 +59,8 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     try:
         spec: ShardSpec = receive(control)
         runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
-        while (step := receive(control)) is not None:
+        steps = open_receiver(control)  # shared memory from the rank 0 that spawned us, else gloo
+        while (step := steps.receive()) is not None:
             runner.execute(step)
         runner.release()
     finally:
