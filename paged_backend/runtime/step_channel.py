@@ -99,8 +99,11 @@ class ShmStepSender:
         self._slot_bytes = slot_bytes
 
     def _notify_all(self, record: bytes) -> None:
-        for _, w in self._notify:
-            os.write(w, record)  # 16 bytes: atomic, and never blocks (at most SLOTS records unread)
+        for i, (_, w) in enumerate(self._notify):
+            try:
+                os.write(w, record)  # 16 bytes: atomic, and never blocks (at most SLOTS records unread)
+            except BrokenPipeError:
+                raise ConnectionError(f"tensor-parallel worker {i + 1} closed its step channel") from None
 
     def _wait_acked(self, count: int) -> None:
         while min(self._acked) < count:
@@ -136,6 +139,11 @@ class ShmStepReceiver:
         message = self._words[offset // 4 : end].copy()  # then the slot is rank 0's again
         os.write(self._ack, b"\x01")
         return decode(message)
+
+    def close(self) -> None:
+        self._words = np.empty(0, np.int32)
+        for fd in (self._mem, self._notify, self._ack):
+            os.close(fd)
 
 
 def _read_exactly(fd: int, n: int) -> bytes | None:
