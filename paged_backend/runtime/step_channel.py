@@ -127,9 +127,16 @@ class ShmStepReceiver:
         self._words = np.empty(0, np.int32)
 
     def receive(self) -> StepInput | None:
+        return self.read(self.wait())
+
+    def wait(self) -> bytes:
+        """Block until rank 0 sends the next message (the step profile times this apart)."""
         record = _read_exactly(self._notify, _RECORD.size)
         if record is None:
             raise ConnectionError("rank 0 closed the step channel (the engine process is gone)")
+        return record
+
+    def read(self, record: bytes) -> StepInput | None:
         offset, words = _RECORD.unpack(record)
         if words == _STOP:
             return None
@@ -186,8 +193,13 @@ class GlooStepReceiver:
         self._buf = torch.empty(0, dtype=torch.int32)
 
     def receive(self) -> StepInput | None:
+        return self.read(self.wait())
+
+    def wait(self) -> int:
         dist.broadcast(self._size, src=0, group=self._control)
-        words = int(self._size[0])
+        return int(self._size[0])
+
+    def read(self, words: int) -> StepInput | None:
         if words == _STOP:
             return None
         if words > self._buf.numel():

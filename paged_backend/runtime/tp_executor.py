@@ -195,7 +195,11 @@ class TPExecutor:
         """Send the step to the workers, run rank 0's shard on it; rank 0's result."""
         self.check_alive()
         try:
+            prof = self.runner.profile
+            t0 = time.perf_counter() if prof is not None else 0.0
             self._channel.send(step)  # first: the workers launch while rank 0 does
+            if prof is not None:
+                prof.add("send", time.perf_counter() - t0)
             return self.runner.execute(step, *args, **kwargs)
         except Exception as exc:
             deadline = time.monotonic() + _JOIN_S  # a peer's socket may close just before its exit is seen

@@ -60,11 +60,29 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
         spec: ShardSpec = receive(control)
         runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
         steps = open_receiver(control)  # shared memory from the rank 0 that spawned us, else gloo
-        while (step := steps.receive()) is not None:
-            runner.execute(step)
+        if runner.profile is None:
+            while (step := steps.receive()) is not None:
+                runner.execute(step)
+        else:
+            _serve_profiled(runner, steps)
         runner.release()
     finally:
         destroy_groups()
+
+
+def _serve_profiled(runner, steps) -> None:
+    """The step loop, timing the wait for each step and its reading apart (PAGED_BACKEND_PROFILE_STEPS)."""
+    prof = runner.profile
+    while True:
+        t0 = time.perf_counter()
+        message = steps.wait()
+        t1 = time.perf_counter()
+        prof.add("wait", t1 - t0)
+        step = steps.read(message)
+        if step is None:
+            return
+        prof.add("recv", time.perf_counter() - t1)
+        runner.execute(step)
 
 
 def main(argv: list[str] | None = None) -> int:
