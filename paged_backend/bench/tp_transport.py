@@ -7,7 +7,10 @@
 
 A decode step of `--batch` sequences (contexts U[100, 1280], 16-token blocks) goes to one worker
 process, which decodes it and answers one byte on a pipe; rank 0 waits for that byte. Reported per
-mode: the median time rank 0 spends sending (its critical path) and the median round trip.
+mode: the median time rank 0 spends sending (its critical path) and the median round trip; then
+`busy send`: rank 0 sends two steps back to back to a worker that spends `--busy-ms` on each one
+(as a real worker launching its step does): the median time of the second send, i.e. how long rank 0
+is held up by a worker that is not yet waiting for its next step.
 
     python -m paged_backend.bench.tp_transport --batch 256 --iters 2000
 """
@@ -51,7 +54,7 @@ def _group(port: int, rank: int):
     return dist.group.WORLD
 
 
-def _worker(mode: str, port: int, ack_fd: int) -> None:
+def _worker(mode: str, port: int, ack_fd: int, busy_after: int, busy_ms: float) -> None:
     from paged_backend.runtime import step_channel, worker
 
     control = _group(port, 1)
@@ -59,12 +62,16 @@ def _worker(mode: str, port: int, ack_fd: int) -> None:
         receive = lambda: worker.receive(control)  # noqa: E731
     else:
         receive = step_channel.open_receiver(control).receive
+    n = 0
     while (step := receive()) is not None:
         step.int32_arrays()  # touch what the runner reads first
+        n += 1
+        if n > busy_after:  # the busy phase: as long as a real worker's launch of its step
+            time.sleep(busy_ms / 1e3)
         os.write(ack_fd, b"\x01")
 
 
-def run_mode(mode: str, batch: int, iters: int) -> dict:
+def run_mode(mode: str, batch: int, iters: int, busy_ms: float) -> dict:
     from paged_backend.runtime import step_channel, worker
 
     with socket.socket() as s:
@@ -80,7 +87,7 @@ def run_mode(mode: str, batch: int, iters: int) -> dict:
         fds += worker_fds
         env.update(worker_env)
     cmd = [sys.executable, "-m", "paged_backend.bench.tp_transport", "--worker", mode, "--port", str(port),
-           "--ack-fd", str(ack_w)]
+           "--ack-fd", str(ack_w), "--busy-after", str(iters + 50), "--busy-ms", str(busy_ms)]
     proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
     os.close(ack_w)
     if shm is not None:
@@ -101,6 +108,14 @@ def run_mode(mode: str, batch: int, iters: int) -> dict:
         if i >= 50:
             send_s.append(t1 - t0)
             round_s.append(t2 - t0)
+    busy_s = []
+    for _ in range(max(20, iters // 20)):
+        send(step)
+        t0 = time.perf_counter()
+        send(step)  # the worker is busy with the first one
+        busy_s.append(time.perf_counter() - t0)
+        os.read(ack_r, 1)
+        os.read(ack_r, 1)
     send(None)
     proc.wait(timeout=30)
     import torch.distributed as dist
@@ -110,7 +125,7 @@ def run_mode(mode: str, batch: int, iters: int) -> dict:
         shm.close()
     os.close(ack_r)
     return dict(mode=mode, batch=batch, send_us=statistics.median(send_s) * 1e6,
-                round_trip_us=statistics.median(round_s) * 1e6)
+                round_trip_us=statistics.median(round_s) * 1e6, busy_send_us=statistics.median(busy_s) * 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--busy-ms", type=float, default=2.0, help="the worker's time per step in the busy test")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ack-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--busy-after", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        _worker(a.worker, a.port, a.ack_fd)
+        _worker(a.worker, a.port, a.ack_fd, a.busy_after, a.busy_ms)
         return 0
     import pickle
 
@@ -133,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode step of {a.batch} sequences: pickled {len(pickle.dumps(step))} bytes, "
           f"wire {wire_words(step) * 4} bytes", flush=True)
     for mode in a.modes.split(","):
-        r = run_mode(mode, a.batch, a.iters)
-        print(f"{mode:12s} send {r['send_us']:7.1f} us   round trip {r['round_trip_us']:7.1f} us", flush=True)
+        r = run_mode(mode, a.batch, a.iters, a.busy_ms)
+        print(f"{mode:12s} send {r['send_us']:7.1f} us   round trip {r['round_trip_us']:7.1f} us   "
+              f"busy send ({a.busy_ms:g} ms worker) {r['busy_send_us']:7.1f} us", flush=True)
     return 0
 
 
