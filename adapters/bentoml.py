@@ -107,11 +107,17 @@ def resolve_args(defaults: Optional[dict[str, Any]] = None,
         raise ValueError(f"bad service argument: {e}") from e
 
 
+_ALL_CORES_UP_TO = 4  # cores; above it the event loop keeps one
+
+
 def _torch_threads(args: ServiceArgs) -> Optional[int]:
-    """torch's intra-op threads: `torch_threads` if given; on a machine without CUDA, one fewer than
-    the cores this process may use, because the event loop (HTTP, SSE, detokenized deltas) needs a
-    core of its own on every token, and intra-op threads that spin at their barriers take it away
-    (measured on 2 cores: 2 threads made a busy server >10x slower than 1; BENCHMARKS.md)."""
+    """torch's intra-op threads: `torch_threads` if given; on a machine without CUDA, every core this
+    process may use, less one for the event loop (HTTP, SSE, detokenized deltas) once there are more
+    than _ALL_CORES_UP_TO. On a 2-core laptop one decode stream is bound by memory bandwidth, which one
+    core cannot draw alone (measured: 10.9 GB/s with one thread, 21.7 with two), so leaving a core to
+    the event loop halves the tokens per second while the loop needs ~1 ms of it per token
+    (BENCHMARKS.md, issue 21). On a machine shared with other busy processes, intra-op threads spin at
+    their barriers while the others hold the cores: set torch_threads lower there."""
     if args.torch_threads:
         return args.torch_threads
     env = os.environ.get("PAGED_BACKEND_TEST_THREADS")  # tests on busy 2-core machines
@@ -119,9 +125,10 @@ def _torch_threads(args: ServiceArgs) -> Optional[int]:
         return int(env)
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or not hasattr(os, "sched_getaffinity"):
         return None
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else None
+    cores = len(os.sched_getaffinity(0))
+    return cores if cores <= _ALL_CORES_UP_TO else cores - 1
 
 
 def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[str, Any]] = None,

@@ -228,3 +228,19 @@ def test_smollm_knows_the_capital_of_france(smollm):
     streamed = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=24,
                                               temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 4), (8, 7)])
+def test_server_torch_threads_default_fits_the_cpu_set(monkeypatch, cores, expected):
+    """Without CUDA the service uses every core of its CPU set for torch (a 2-core laptop's one
+    stream needs both for memory bandwidth), leaving one to the event loop above 4 cores."""
+    import torch
+
+    from paged_backend.adapters import bentoml as service
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default only applies without CUDA")
+    monkeypatch.delenv("PAGED_BACKEND_TEST_THREADS", raising=False)
+    monkeypatch.setattr(service.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert service._torch_threads(service.ServiceArgs()) == expected
+    assert service._torch_threads(service.ServiceArgs(torch_threads=3)) == 3
