@@ -255,7 +255,7 @@ def test_triton_split_k_decode(num_splits, window):
     batch = make_batch([1] * len(lens), lens, 8, 2, 64, seed=len(lens) + (window or 0))
     mod = kernels._triton_module(interpret=True)
     if num_splits is None:
-        assert mod._choose_splits(1, 2, 1100, 64, batch["q"].device) > 1
+        assert mod._choose_splits(1, 2, 1100, batch["q"].device) > 1
     kw = {} if num_splits is None else {"num_splits": num_splits}
     out = torch.full_like(batch["q"], float("nan"))
     mod.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
@@ -426,6 +426,28 @@ def test_fp8_triton_split_k_decode():
                         batch["query_start_loc"], 0.125, None, None, out, max_query_len=1, max_seq_len=300,
                         k_scale=0.5, v_scale=2.0, num_splits=3)
     assert rel_err(out, run_fp8(batch, 0.125, "reference")) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_triton_decode_default_config(dtype):
+    """Decode-only batch through the entry point's own choice for an fp8 cache: 128-key tiles (full ones and
+    masked tails), fp16 dots for a 16-bit q, no split (16 programs fill the interpreter's 8 'SMs')."""
+    lens = [300, 1, 129, 256, 17, 400, 128, 77]
+    batch = to_fp8_cache(make_batch([1] * 8, lens, 8, 2, 64, dtype=dtype, seed=35), 0.04, 0.03)
+    mod = kernels._triton_module(interpret=True)
+    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128
+    assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
+    assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
+
+
+@pytest.mark.parametrize("mag", [1e6, 1e-7])
+def test_fp8_triton_q_outside_fp16_range(mag):
+    """A bf16 q far outside fp16's range (1e6 overflows it, 1e-7 is below its normals) over an fp8 cache:
+    the kernel's fp16 dots scale each q row by a power of two, so the result matches the oracle as for q ~ 1."""
+    batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 64, dtype=torch.bfloat16, seed=36), 0.02, 0.05)
+    batch["q"] = (batch["q"].float() * mag).to(torch.bfloat16)
+    got = run_fp8(batch, 0.125 / mag, "triton")
+    assert rel_err(got, oracle(batch, 0.125 / mag)) <= 1e-2
 
 
 def test_fp8_copy_blocks_and_bad_scales():
