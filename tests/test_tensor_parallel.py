@@ -24,6 +24,7 @@ import pytest
 
 from conftest import hf_greedy, save_tiny_model
 from paged_backend import LLM, EngineDeadError, SamplingParams
+from paged_backend.runtime.step_profile import ENV
 
 pytestmark = pytest.mark.slow  # each engine here starts processes (fresh interpreters importing torch)
 TP = 2
@@ -67,8 +68,11 @@ def kv1_qwen3_dir(tmp_path_factory, smollm_tokenizer) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3-kv1", "gemma2"])
-def test_tp2_greedy_matches_transformers(kind, tiny_model_dir, kv1_qwen3_dir):
+def test_tp2_greedy_matches_transformers(kind, tiny_model_dir, kv1_qwen3_dir, monkeypatch, capfd):
     model_dir = kv1_qwen3_dir if kind == "qwen3-kv1" else tiny_model_dir(kind)
+    profiled = kind == "llama"  # the per-step profile on: same tokens, and every rank reports
+    if profiled:
+        monkeypatch.setenv(ENV, "1")
     prompts = _prompts(seed=sum(map(ord, kind)))
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -84,6 +88,10 @@ def test_tp2_greedy_matches_transformers(kind, tiny_model_dir, kv1_qwen3_dir):
         assert stats.num_steps > MAX_NEW + 8, "long prompts were not chunked"
         assert stats.num_blocks_used == 0, "blocks leaked"
     _assert_gone(before)
+    if profiled:
+        err = capfd.readouterr().err
+        assert "[step profile rank 0/2] decode (all)" in err and " send " in err, err
+        assert "[step profile rank 1/2] decode (all)" in err and " wait " in err, err
 
 
 def _assert_gone(before: set[int], within_s: float = 10.0) -> None:

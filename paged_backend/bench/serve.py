@@ -226,7 +226,8 @@ def serve(a) -> dict:
             t0 = time.perf_counter()
             proc = ServerProcess(kind, cmd, port, workdir / f"{kind}.log", env)
             try:
-                model_id = proc.wait_ready(a.startup_timeout)
+                fallback = str(model_dir) if kind == "transformers" else None  # it serves its command line's model
+                model_id = proc.wait_ready(a.startup_timeout, fallback_id=fallback)
                 print(f"[bench serve] {kind} ready in {time.perf_counter() - t0:.1f} s", flush=True)
                 results[kind] = _measure(a, kind, proc.url, model_id, tokenizer, prompts, levels)
             finally:

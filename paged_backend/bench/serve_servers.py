@@ -130,8 +130,10 @@ class ServerProcess:
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
 
-    def wait_ready(self, timeout: float) -> str:
-        """Polls GET /v1/models until it lists a model; returns that model's id."""
+    def wait_ready(self, timeout: float, fallback_id: str | None = None) -> str:
+        """Polls GET /v1/models until it lists a model; returns that model's id. fallback_id: the id to
+        use when the server answers with an empty list (some `transformers serve` versions list only
+        the hub cache's models, not the one given on their command line, which they serve anyway)."""
         import httpx
 
         t0 = time.monotonic()
@@ -142,8 +144,12 @@ class ServerProcess:
                                    f"{self.log_path}:\n{self.log_tail()}")
             try:
                 r = httpx.get(f"{self.url}/v1/models", timeout=2)
-                if r.status_code == 200 and r.json().get("data"):
-                    return r.json()["data"][0]["id"]
+                if r.status_code == 200:
+                    data = r.json().get("data")
+                    if data:
+                        return data[0]["id"]
+                    if fallback_id is not None:
+                        return fallback_id
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() - last_print > 10:

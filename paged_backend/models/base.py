@@ -38,8 +38,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, vocab] in fp32 (under tensor parallelism: on rank 0,
-        gathered from every rank's vocab range; None on the other ranks)."""
-        return self.lm_head.gather(self.lm_head(hidden).float())
+        gathered from every rank's vocab range; None on the other ranks). Gathered in the model's
+        dtype, then widened: the same values, half the bytes between GPUs of a bf16 model."""
+        logits = self.lm_head.gather(self.lm_head(hidden))
+        return None if logits is None else logits.float()
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layer of each decoder layer, in layer order (the runner binds kv_cache)."""

@@ -117,11 +117,12 @@ class GemmaForCausalLM(CausalLM):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.lm_head(hidden).float()
         cap = self.final_logit_softcapping
-        if cap:  # Gemma 2: cap * tanh(logits / cap), in fp32 (elementwise: each rank caps its vocab range)
-            logits = torch.tanh(logits / cap) * cap
-        return self.lm_head.gather(logits)
+        if not cap:
+            return super().compute_logits(hidden)
+        # Gemma 2: cap * tanh(logits / cap), in fp32 (elementwise: each rank caps its vocab range)
+        logits = self.lm_head(hidden).float()
+        return self.lm_head.gather(torch.tanh(logits / cap) * cap)
 
 
 Gemma2ForCausalLM = GemmaForCausalLM

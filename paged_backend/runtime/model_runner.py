@@ -15,6 +15,7 @@ from paged_backend import kernels
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.parallel import SINGLE, TPGroup
 from paged_backend.runtime.cuda_graphs import DecodeGraphs
+from paged_backend.runtime import step_profile
 from paged_backend.runtime.sampler import SampledTokens, Sampler
 from paged_backend.runtime.step_input import StepInput
 from paged_backend.runtime.transfer import int32_arrays_to_device, to_device
@@ -30,6 +31,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # decode steps under CUDA graphs (CUDA only)
         self.sampler = Sampler()
         self._last_sampled: torch.Tensor | None = None  # the previous step's ids, on the device
+        label = f"rank {tp.rank}/{tp.size}" if tp.size > 1 else "tp=1"
+        self.profile = step_profile.from_env(label, device)  # None unless PAGED_BACKEND_PROFILE_STEPS=1
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         layers = self.model.attention_layers()
@@ -43,13 +46,20 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
         self.graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, step: StepInput, grammar_mask=None) -> SampledTokens | None:
         """Run one step and sample it: the sampled ids stay on the device (the next step reads its
         pending tokens from them) and come to the host when the caller resolves them. None when no
         sequence completes its known tokens this step (only prompt chunks ran). Nothing here waits
         for the GPU.
         """
+        if self.profile is None:
+            return self._execute(step, grammar_mask)
+        self.profile.begin(step)
+        return self.profile.end(self._execute(step, grammar_mask))
+
+    @torch.inference_mode()
+    def _execute(self, step: StepInput, grammar_mask=None) -> SampledTokens | None:
+        prof = self.profile
         self.sampler.release(step.released_seeds)
         if step.block_copies:
             src, dst = zip(*step.block_copies)
@@ -62,6 +72,8 @@ class ModelRunner:
         ids, positions, slots = ids.long(), positions.long(), slots.long()
         if pending_dst.numel():
             ids[pending_dst.long()] = self._previous_tokens(step)[pending_src.long()]
+        if prof is not None:
+            prof.mark("inputs")
         if self.graphs is not None and step.max_query_len == 1 and step.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(ids, positions, slots, tables, seq_lens)
         else:
@@ -74,10 +86,14 @@ class ModelRunner:
                 max_seq_len=step.max_seq_len,
             )
             hidden = self.model(ids, positions, meta)
+        if prof is not None:
+            prof.mark("forward")
         if not step.logit_rows.size:  # rank 0 then has no sampling rows; the workers never get any
             self._last_sampled = None
             return None
         logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
+        if prof is not None:
+            prof.mark("logits")
         if logits is None:  # a tensor-parallel worker: its vocab range went to rank 0, which samples
             return None
         if step.sample_from is not None:  # forked siblings sample from their parent's row
@@ -85,6 +101,8 @@ class ModelRunner:
         # grammar_mask(bitmask) fills the structured-output masks; the sampler calls it once this
         # step's kernels are queued, so that the host fills them while the device runs them.
         sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask)
+        if prof is not None:
+            prof.mark("sample")
         self._last_sampled = sampled.token_ids
         return sampled
 
@@ -122,6 +140,8 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop the KV cache, graphs and sampler state (shutdown or after profiling)."""
+        if self.profile is not None:
+            self.profile.report()
         self.graphs = None
         self._last_sampled = None
         self.sampler = Sampler()

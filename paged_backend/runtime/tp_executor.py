@@ -19,7 +19,6 @@ seconds; a worker also exits by itself when the engine's process is gone.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
 import subprocess
@@ -48,6 +47,7 @@ from paged_backend.runtime.distributed import (
     open_store,
 )
 from paged_backend.runtime.shard import ShardSpec, build_shard
+from paged_backend.runtime.step_channel import GlooStepSender, ShmStepSender, shm_available
 
 logger = logging.getLogger("paged_backend")
 
@@ -83,6 +83,9 @@ class TPExecutor:
         self._procs: list[subprocess.Popen] = []
         self._dead: str | None = None
         self._closing = False
+        # Steps go to workers this process spawned through shared memory; to ranks started from
+        # outside (other hosts perhaps) over the gloo control group.
+        self._channel: ShmStepSender | GlooStepSender | None = None
         env_rdv = Rendezvous.from_environment()
         try:
             if env_rdv is not None:
@@ -90,9 +93,12 @@ class TPExecutor:
             else:
                 self._rdv = Rendezvous("127.0.0.1", 0, 0, tp_size, local_rank=0)
                 store = open_store(self._rdv)
+                if shm_available():
+                    self._channel = ShmStepSender(tp_size - 1, is_dead=self._exited)
                 self._spawn(store.port, spec.device_type)
                 self._wait_ready(store)
             self.tp, self.control = init_groups(self._rdv, spec.device_type, store)
+            self._channel = self._channel or GlooStepSender(self.control)
             self._watch()
             worker.send(self.control, spec)
             self.runner, self.num_blocks = build_shard(
@@ -133,7 +139,13 @@ class TPExecutor:
                "--parent-pid", str(os.getpid())]
         for rank in range(1, self.tp_size):
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-            self._procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+            fds: list[int] = []
+            if self._channel is not None:
+                fds, channel_env = self._channel.worker_fds(rank - 1)
+                env.update(channel_env)
+            self._procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=fds))
+        if self._channel is not None:
+            self._channel.spawned()
         logger.info("started %d tensor-parallel workers (pids %s)", len(self._procs), self.worker_pids)
 
     def _wait_ready(self, store) -> None:
@@ -148,6 +160,10 @@ class TPExecutor:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tensor-parallel workers did not start within {_START_TIMEOUT_S} s")
             time.sleep(_POLL_S)
+
+    def _exited(self) -> bool:
+        self._check_exits()
+        return self._dead is not None
 
     def _check_exits(self) -> None:
         for rank, proc in enumerate(self._procs, start=1):
@@ -179,8 +195,11 @@ class TPExecutor:
         """Send the step to the workers, run rank 0's shard on it; rank 0's result."""
         self.check_alive()
         try:
-            # Workers need no sampling rows (only rank 0 samples): less to pickle every step.
-            worker.send(self.control, dataclasses.replace(step, sampling_rows=[]))
+            prof = self.runner.profile
+            t0 = time.perf_counter() if prof is not None else 0.0
+            self._channel.send(step)  # first: the workers launch while rank 0 does
+            if prof is not None:
+                prof.add("send", time.perf_counter() - t0)
             return self.runner.execute(step, *args, **kwargs)
         except Exception as exc:
             deadline = time.monotonic() + _JOIN_S  # a peer's socket may close just before its exit is seen
@@ -201,9 +220,9 @@ class TPExecutor:
         self._closing = True
         if getattr(self, "_atexit", None) is not None:
             atexit.unregister(self._atexit)
-        if self._dead is None and getattr(self, "control", None) is not None:
+        if self._dead is None and self._channel is not None and getattr(self, "control", None) is not None:
             try:
-                worker.send(self.control, None)
+                self._channel.send(None)
             except Exception:  # a worker went away meanwhile: it is stopped below either way
                 pass
         runner = getattr(self, "runner", None)
@@ -222,6 +241,8 @@ class TPExecutor:
         if self._dead is not None:
             abort_groups()
         destroy_groups()
+        if self._channel is not None:
+            self._channel.close()
 
     release = shutdown  # what the engine calls on its runner at shutdown
 

@@ -30,15 +30,17 @@ _ALIGN = 32
 
 
 def int32_arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Several int32 arrays in one copy; returns device views shaped like the inputs."""
+    """Several int32 arrays in one copy; returns device views shaped like the inputs. They are packed
+    straight into page-locked memory (one host copy per step, not two); the gaps are never read."""
     offsets, total = [], 0
     for a in arrays:
         offsets.append(total)
         total += -(-a.size // _ALIGN) * _ALIGN
-    flat = np.zeros(total, dtype=np.int32)
+    flat = torch.empty(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+    host = flat.numpy()
     for a, offset in zip(arrays, offsets):
-        flat[offset : offset + a.size] = a.reshape(-1)
-    dev = to_device(flat, torch.int32, device)
+        host[offset : offset + a.size] = a.reshape(-1)
+    dev = flat.to(device, non_blocking=True)
     return [dev[offset : offset + a.size].view(a.shape) for a, offset in zip(arrays, offsets)]
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from paged_backend.runtime.distributed import Rendezvous, destroy_groups, device_for, init_groups, open_store
 from paged_backend.runtime.shard import ShardSpec, build_shard
+from paged_backend.runtime.step_channel import open_receiver
 
 logger = logging.getLogger("paged_backend")
 
@@ -31,7 +32,7 @@ _PARENT_POLL_S = 0.5
 
 
 def receive(control) -> object:
-    """The next object rank 0 broadcasts on the control group (a step input, or None to stop)."""
+    """The next object rank 0 broadcasts on the control group (the shard spec, once)."""
     box = [None]
     dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
@@ -58,11 +59,30 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     try:
         spec: ShardSpec = receive(control)
         runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
-        while (step := receive(control)) is not None:
-            runner.execute(step)
+        steps = open_receiver(control)  # shared memory from the rank 0 that spawned us, else gloo
+        if runner.profile is None:
+            while (step := steps.receive()) is not None:
+                runner.execute(step)
+        else:
+            _serve_profiled(runner, steps)
         runner.release()
     finally:
         destroy_groups()
+
+
+def _serve_profiled(runner, steps) -> None:
+    """The step loop, timing the wait for each step and its reading apart (PAGED_BACKEND_PROFILE_STEPS)."""
+    prof = runner.profile
+    while True:
+        t0 = time.perf_counter()
+        message = steps.wait()
+        t1 = time.perf_counter()
+        prof.add("wait", t1 - t0)
+        step = steps.read(message)
+        if step is None:
+            return
+        prof.add("recv", time.perf_counter() - t1)
+        runner.execute(step)
 
 
 def main(argv: list[str] | None = None) -> int:
