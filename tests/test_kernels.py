@@ -505,3 +505,7 @@ def test_gpu_fp8_kv_matches_reference(d):
         for window, softcap in [(None, None), (256, None), (None, 50.0)]:
             got = run_fp8(batch, d**-0.5, "triton", window, softcap)
             assert rel_err(got, run_fp8(batch, d**-0.5, "reference", window, softcap)) <= 1e-2
+        for mag in (1e6, 1e-7):  # outside fp16's range: the kernel's per-row power-of-two scaling of q
+            big = dict(batch, q=(batch["q"].float() * mag).to(torch.bfloat16))
+            got = run_fp8(big, d**-0.5 / mag, "triton")
+            assert rel_err(got, run_fp8(big, d**-0.5 / mag, "reference")) <= 1e-2
