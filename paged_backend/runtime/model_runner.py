@@ -32,7 +32,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._last_sampled: torch.Tensor | None = None  # the previous step's ids, on the device
         label = f"rank {tp.rank}/{tp.size}" if tp.size > 1 else "tp=1"
-        self.profile = step_profile.from_env(label, device)  # None unless PAGED_BACKEND_PROFILE_STEPS=1
+        self.step_profile = step_profile.from_env(label, device)  # None unless PAGED_BACKEND_PROFILE_STEPS=1
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         layers = self.model.attention_layers()
@@ -52,14 +52,14 @@ class ModelRunner:
         sequence completes its known tokens this step (only prompt chunks ran). Nothing here waits
         for the GPU.
         """
-        if self.profile is None:
+        if self.step_profile is None:
             return self._execute(step, grammar_mask)
-        self.profile.begin(step)
-        return self.profile.end(self._execute(step, grammar_mask))
+        self.step_profile.begin(step)
+        return self.step_profile.end(self._execute(step, grammar_mask))
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, grammar_mask=None) -> SampledTokens | None:
-        prof = self.profile
+        prof = self.step_profile
         self.sampler.release(step.released_seeds)
         if step.block_copies:
             src, dst = zip(*step.block_copies)
@@ -140,8 +140,8 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop the KV cache, graphs and sampler state (shutdown or after profiling)."""
-        if self.profile is not None:
-            self.profile.report()
+        if self.step_profile is not None:
+            self.step_profile.report()
         self.graphs = None
         self._last_sampled = None
         self.sampler = Sampler()

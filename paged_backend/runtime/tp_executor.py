@@ -195,7 +195,7 @@ class TPExecutor:
         """Send the step to the workers, run rank 0's shard on it; rank 0's result."""
         self.check_alive()
         try:
-            prof = self.runner.profile
+            prof = self.runner.step_profile
             t0 = time.perf_counter() if prof is not None else 0.0
             self._channel.send(step)  # first: the workers launch while rank 0 does
             if prof is not None:

@@ -60,7 +60,7 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
         spec: ShardSpec = receive(control)
         runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
         steps = open_receiver(control)  # shared memory from the rank 0 that spawned us, else gloo
-        if runner.profile is None:
+        if runner.step_profile is None:
             while (step := steps.receive()) is not None:
                 runner.execute(step)
         else:
@@ -72,7 +72,7 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
 
 def _serve_profiled(runner, steps) -> None:
     """The step loop, timing the wait for each step and its reading apart (PAGED_BACKEND_PROFILE_STEPS)."""
-    prof = runner.profile
+    prof = runner.step_profile
     while True:
         t0 = time.perf_counter()
         message = steps.wait()
