@@ -430,20 +430,17 @@ def test_fp8_triton_split_k_decode():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp8_triton_decode_default_config(dtype):
-    """Decode-only batch through the entry point's own choice for an fp8 cache: 128-key tiles (full ones and
-    masked tails), fp16 dots for a 16-bit q, no split (16 programs fill the interpreter's 8 'SMs')."""
-    lens = [300, 1, 129, 256, 17, 400, 128, 77]
-    batch = to_fp8_cache(make_batch([1] * 8, lens, 8, 2, 64, dtype=dtype, seed=35), 0.04, 0.03)
+    """Decode-only batch, the entry point's own fp8 choice: 128-key tiles (full and masked), fp16 dots, no split."""
+    batch = to_fp8_cache(make_batch([1] * 8, [300, 1, 129, 256, 17, 400, 128, 77], 8, 2, 64, dtype=dtype, seed=35),
+                         0.04, 0.03)
     mod = kernels._triton_module(interpret=True)
-    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128
-    assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
+    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128 and mod._choose_splits(8, 2, 400, batch["q"].device, 1) == 1
     assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
 
 
 @pytest.mark.parametrize("mag", [1e6, 1e-7])
 def test_fp8_triton_q_outside_fp16_range(mag):
-    """A bf16 q far outside fp16's range (1e6 overflows it, 1e-7 is below its normals) over an fp8 cache:
-    the kernel's fp16 dots scale each q row by a power of two, so the result matches the oracle as for q ~ 1."""
+    """A bf16 q outside fp16's range (1e6 overflows it, 1e-7 is subnormal): fp16 dots on power-of-two scaled rows."""
     batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 64, dtype=torch.bfloat16, seed=36), 0.02, 0.05)
     batch["q"] = (batch["q"].float() * mag).to(torch.bfloat16)
     got = run_fp8(batch, 0.125 / mag, "triton")
