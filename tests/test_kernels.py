@@ -434,7 +434,8 @@ def test_fp8_triton_decode_default_config(dtype):
     batch = to_fp8_cache(make_batch([1] * 8, [300, 1, 129, 256, 17, 400, 128, 77], 8, 2, 64, dtype=dtype, seed=35),
                          0.04, 0.03)
     mod = kernels._triton_module(interpret=True)
-    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128 and mod._choose_splits(8, 2, 400, batch["q"].device, 1) == 1
+    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128
+    assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
     assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
 
 
