@@ -18,7 +18,8 @@ while its decorators run (Triton decides interpreted-or-compiled when `@triton.j
 this works whatever was imported before and never changes how the GPU kernels are built.
 
 FP8 KV cache: a kv_cache of dtype float8_e4m3fn holds key / k_scale and value / v_scale (per-layer
-float scales, saturated at +-448); attention reads K and V back in q's dtype and applies the scales
+float scales, saturated at +-448); attention reads K and V back exactly (every e4m3 value is an fp16 value:
+the Triton kernel runs its dots in fp16 for a 16-bit q, the reference in q's dtype) and applies the scales
 (K's to the softmax scale, V's to the output). Other cache dtypes ignore the scales.
 """
 

@@ -125,6 +125,35 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fp8_to_f16(x, SOFT_FP8: tl.constexpr):
+    """float8_e4m3fn -> float16 (exact: every e4m3 value is an fp16 value), one cvt per 2 values.
+    Inline PTX, not x.to(tl.float16), and deliberately not pure: Triton moves pure element-wise ops after
+    the shared-memory round trip into the dot operand layout, where V (contracted over tokens, its
+    strided dimension) then comes out of shared memory one byte per load. Kept here, the conversion
+    runs on the 16-byte vectors the load produced and the round trip moves fp16 (ldmatrix)."""
+    if SOFT_FP8:  # the interpreter runs no PTX
+        return x.to(tl.float16)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
+def _fp16_rows(q, qk_scale):
+    """q [BLOCK_M, D] -> (q * 2**e_r in fp16, qk_scale * 2**-e_r as [BLOCK_M, 1]) with a power of two per row
+    that puts the row's largest |q| in [2**14, 2**15): exact scaling, so fp16's range cannot overflow
+    or flush a row whatever q's magnitude, and fp16 keeps all of bf16's 8 mantissa bits."""
+    qf = q.to(tl.float32)
+    amax = tl.reduce(tl.abs(qf), 1, _max_combine)
+    expo = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row max (0 for a zero row)
+    sh = tl.minimum(tl.maximum(141 - expo, -126), 126)  # 2**sh and 2**-sh are normal fp32 numbers
+    up = ((sh + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - sh) << 23).to(tl.float32, bitcast=True)
+    return (qf * up[:, None]).to(tl.float16), (qk_scale * down)[:, None]
+
+
+@triton.jit
 def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     """Largest b with qsl[b] // BLOCK_Q + b <= pid (binary search; those starts strictly increase)."""
     lo = tl.full([], 0, tl.int32)
@@ -145,9 +174,11 @@ def _attend_tile(
     qk_scale, softcap, window,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
 ):
-    """One BLOCK_N tile of keys [start, start + BLOCK_N): online-softmax update in the log2 domain."""
+    """One BLOCK_N tile of keys [start, start + BLOCK_N): online-softmax update in the log2 domain.
+    qk_scale: a scalar, or per row [BLOCK_M, 1] (fp8 cache, _fp16_rows)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         n_ok = offs_n < hi
@@ -158,8 +189,10 @@ def _attend_tile(
         phys = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE).to(tl.int64)
         base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         k = tl.load(kv_ptr + base[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-    # An fp8 cache's values are exact in q's dtype; its K scale is folded into qk_scale, its V scale
-    # into the output.
+    # An fp8 cache's values are exact in fp16 (q's dtype here unless fp32); its K scale is folded into
+    # qk_scale, its V scale into the output.
+    if FP8_KV:
+        k = _fp8_to_f16(k, SOFT_FP8)
     s = _dot(q, k.to(q.dtype), DOT_PREC, UPCAST)
     if USE_SOFTCAP:
         # softcap * tanh(x / softcap), tanh(y) = 2 * sigmoid(2y) - 1; then into the log2 domain
@@ -183,6 +216,8 @@ def _attend_tile(
                     other=0.0)
     else:
         v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    if FP8_KV:
+        v = _fp8_to_f16(v, SOFT_FP8)
     acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -197,7 +232,7 @@ def _paged_attn_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, DIRECT: tl.constexpr,
+    UPCAST: tl.constexpr, DIRECT: tl.constexpr, FP8_KV: tl.constexpr, SOFT_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -225,6 +260,11 @@ def _paged_attn_kernel(
         row = (q_start + tok).to(tl.int64)
         q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+        qk = qk_scale
+        if FP8_KV and q.dtype != tl.float32:
+            # An fp8 cache's K/V tiles convert to fp16 in one instruction per pair (to bf16 in three, which
+            # made the fp8 kernel slower per byte than the bf16 one); the dots run in fp16.
+            q, qk = _fp16_rows(q, qk_scale)
 
         # Keys this tile needs: [lo, hi). min_pos / max_pos: positions of its first and last query token.
         min_pos = first_pos + qb * BLOCK_Q
@@ -254,19 +294,19 @@ def _paged_attn_kernel(
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
         for start in range(lo, full_lo, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+                BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
         for start in range(full_hi, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk_scale, softcap, window,
+                acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST)
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         res = acc * (v_scale / l_safe)[:, None]
@@ -344,10 +384,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch_config(max_query_len: int, g: int, d: int, decode: bool):
+def _launch_config(max_query_len: int, g: int, d: int, decode: bool, fp8: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (BENCHMARKS.md)."""
     if decode:  # memory-bound: few warps, deep cp.async pipeline
         block_m = max(16, triton.next_power_of_2(g))
+        if fp8:  # twice the keys per tile: the bytes of a 2-byte tile (at head_dim 128 2 warps spill)
+            return (block_m, 128, 2, 4) if d <= 64 else (block_m, 128, 4, 3) if d <= 128 else (block_m, 64, 4, 3)
         return (block_m, 64, 2, 4) if d <= 128 else (block_m, 32, 4, 3)
     big = 128 if d <= 128 else 64
     block_m = min(big, max(16, triton.next_power_of_2(max_query_len * g)))
@@ -357,14 +399,16 @@ def _launch_config(max_query_len: int, g: int, d: int, decode: bool):
     return block_m, 32, 8 if block_m >= 64 else 4, 2
 
 
-def _choose_splits(batch: int, hkv: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
-    """Split the context only when batch x KV heads leaves the GPU under-filled and contexts are long."""
+def _choose_splits(batch: int, hkv: int, max_seq_len: int, device: torch.device, kv_bytes: int = 2) -> int:
+    """Split the context only when batch x KV heads leaves the GPU under-filled and contexts are long.
+    Counted in bytes: a split reads at least what 128 keys of a 2-byte cache hold (256 fp8 keys)."""
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 8
     progs = batch * hkv
-    if progs >= 2 * sms or max_seq_len < 256:
+    min_keys = 128 * max(1, 2 // kv_bytes)
+    if progs >= 2 * sms or max_seq_len < 2 * min_keys:
         return 1
     want = triton.cdiv(2 * sms, progs)
-    return max(1, min(want, max_seq_len // 128, 64))  # at least 128 keys per split
+    return max(1, min(want, max_seq_len // min_keys, 64))
 
 
 def paged_attention(
@@ -372,7 +416,8 @@ def paged_attention(
     *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None,
 ):
     """See paged_backend.kernels.paged_attention. num_splits / config override the heuristics (tests, bench)."""
-    if kv_cache.dtype != torch.float8_e4m3fn:
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if not fp8:
         k_scale = v_scale = 1.0
     t, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
@@ -390,14 +435,14 @@ def paged_attention(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     decode = max_query_len == 1
-    block_m, block_n, warps, stages = config or _launch_config(max_query_len, g, d, decode)
+    block_m, block_n, warps, stages = config or _launch_config(max_query_len, g, d, decode, fp8)
     block_q = block_m // g
     if num_splits is None:
         num_splits = 1
         if decode:
             if max_seq_len is None:
                 max_seq_len = int(seq_lens.max())
-            num_splits = _choose_splits(num_seqs, hkv, max_seq_len, block_n, q.device)
+            num_splits = _choose_splits(num_seqs, hkv, max_seq_len, q.device, kv_cache.element_size())
     elif num_splits > 1 and max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     split = num_splits > 1
@@ -427,7 +472,8 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16, DIRECT=direct,
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
+        SOFT_FP8=fp8 and _INTERPRETED,
         num_warps=warps, num_stages=stages,
     )
     if split:

@@ -255,7 +255,7 @@ def test_triton_split_k_decode(num_splits, window):
     batch = make_batch([1] * len(lens), lens, 8, 2, 64, seed=len(lens) + (window or 0))
     mod = kernels._triton_module(interpret=True)
     if num_splits is None:
-        assert mod._choose_splits(1, 2, 1100, 64, batch["q"].device) > 1
+        assert mod._choose_splits(1, 2, 1100, batch["q"].device) > 1
     kw = {} if num_splits is None else {"num_splits": num_splits}
     out = torch.full_like(batch["q"], float("nan"))
     mod.paged_attention(batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"],
@@ -428,6 +428,26 @@ def test_fp8_triton_split_k_decode():
     assert rel_err(out, run_fp8(batch, 0.125, "reference")) <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_triton_decode_default_config(dtype):
+    """Decode-only batch, the entry point's own fp8 choice: 128-key tiles (full and masked), fp16 dots, no split."""
+    batch = to_fp8_cache(make_batch([1] * 8, [300, 1, 129, 256, 17, 400, 128, 77], 8, 2, 64, dtype=dtype, seed=35),
+                         0.04, 0.03)
+    mod = kernels._triton_module(interpret=True)
+    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128
+    assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
+    assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
+
+
+@pytest.mark.parametrize("mag", [1e6, 1e-7])
+def test_fp8_triton_q_outside_fp16_range(mag):
+    """A bf16 q outside fp16's range (1e6 overflows it, 1e-7 is subnormal): fp16 dots on power-of-two scaled rows."""
+    batch = to_fp8_cache(make_batch(*MIXED, 8, 2, 64, dtype=torch.bfloat16, seed=36), 0.02, 0.05)
+    batch["q"] = (batch["q"].float() * mag).to(torch.bfloat16)
+    got = run_fp8(batch, 0.125 / mag, "triton")
+    assert rel_err(got, oracle(batch, 0.125 / mag)) <= 1e-2
+
+
 def test_fp8_copy_blocks_and_bad_scales():
     cache = torch.randn(6, 2, 4, 2, 8).to(FP8)
     before = cache.clone()
@@ -483,3 +503,7 @@ def test_gpu_fp8_kv_matches_reference(d):
         for window, softcap in [(None, None), (256, None), (None, 50.0)]:
             got = run_fp8(batch, d**-0.5, "triton", window, softcap)
             assert rel_err(got, run_fp8(batch, d**-0.5, "reference", window, softcap)) <= 1e-2
+        for mag in (1e6, 1e-7):  # outside fp16's range: the kernel's per-row power-of-two scaling of q
+            big = dict(batch, q=(batch["q"].float() * mag).to(torch.bfloat16))
+            got = run_fp8(big, d**-0.5 / mag, "triton")
+            assert rel_err(got, run_fp8(big, d**-0.5 / mag, "reference")) <= 1e-2

@@ -172,7 +172,7 @@ def decode_table(copy_bw, flex_cells):
             ms = graph_median_ms(lambda: run(b, scale, out=out))
             splits = 1
             if bsz * HKV < 264:
-                splits = triton_impl._choose_splits(bsz, HKV, ctx, 64, b["q"].device)
+                splits = triton_impl._choose_splits(bsz, HKV, ctx, b["q"].device)
             # SDPA over the gathered contiguous KV [B, Hkv, ctx, D] (gather not timed)
             sd_ms, note = None, f"splits={splits}"
             try:
