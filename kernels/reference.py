@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,36 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The index arithmetic of one step, shared by every layer: what store_kv and paged_attention
+    would otherwise redo in each of the model's layers (slot -> cache row, the block rows of each
+    sequence, the lengths read back from tensors). Built once per step by `plan_step`."""
+
+    block_size: int
+    # [T'] K and V row of each stored token in the [num_blocks * 2 * block_size, Hkv * D] view
+    store_rows: tuple[torch.Tensor, torch.Tensor]
+    keep: torch.Tensor | None  # [T'] indices of the tokens with a slot; None: every token
+    # per sequence: (query start, query end, context length, K rows, V rows of its blocks, `_block_rows`)
+    seqs: tuple[tuple[int, int, int, torch.Tensor, torch.Tensor], ...]
+
+
+def plan_step(slot_mapping, block_tables, seq_lens, query_start_loc, block_size: int) -> StepPlan:
+    slots = slot_mapping.to(torch.long)
+    keep = None
+    if not bool((slots >= 0).all()):
+        keep = torch.nonzero(slots >= 0).flatten()
+        slots = slots[keep]
+    k_store = (slots // block_size) * (2 * block_size) + slots % block_size
+    k_rows, v_rows = _block_rows(block_tables)
+    qsl = query_start_loc.tolist()
+    seqs = tuple(
+        (qsl[b], qsl[b + 1], ctx, k_rows[b, : -(-ctx // block_size)], v_rows[b, : -(-ctx // block_size)])
+        for b, ctx in enumerate(seq_lens.tolist())
+    )
+    return StepPlan(block_size, (k_store, k_store + block_size), keep, seqs)
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -64,10 +95,21 @@ def store_kv(
     slot_mapping: torch.Tensor,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    plan: StepPlan | None = None,
 ) -> None:
     """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T] (slot = block * block_size + offset); -1 skips.
-    An fp8 cache stores key / k_scale and value / v_scale."""
+    An fp8 cache stores key / k_scale and value / v_scale. plan: this step's `plan_step` (optional)."""
     block_size = kv_cache.shape[2]
+    if plan is not None and plan.block_size == block_size and kv_cache.is_contiguous():
+        if plan.keep is not None:
+            key, value = key[plan.keep], value[plan.keep]
+        if kv_cache.dtype == FP8_KV_DTYPE:
+            key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
+            kv_cache = kv_cache.view(torch.uint8)
+        rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
+        rows.index_copy_(0, plan.store_rows[0], key.reshape(key.shape[0], -1).to(kv_cache.dtype))
+        rows.index_copy_(0, plan.store_rows[1], value.reshape(value.shape[0], -1).to(kv_cache.dtype))
+        return
     slots = slot_mapping.to(torch.long)
     keep = slots >= 0
     if not bool(keep.all()):
@@ -134,15 +176,21 @@ def _attend(q, k, v, mask, scale, softcap, is_causal=False):
     return _sdpa(q, k, v, mask, scale, is_causal=is_causal)
 
 
-def _gather(kv_cache, block_ids, which):
-    """K (which=0) or V (1) of the given blocks, contiguous: [len(block_ids) * block_size, Hkv, D]."""
+def _block_rows(block_ids):
+    """(K rows, V rows) of the given blocks in a cache's [num_blocks * 2, block_size * Hkv * D] row view."""
+    k_rows = block_ids.long() * 2
+    return k_rows, k_rows + 1
+
+
+def _gather(kv_cache, rows, slot):
+    """Rows (from `_block_rows`) of the cache, contiguous: [len(rows) * block_size, Hkv, D]."""
     nblk, _, bs, hkv, d = kv_cache.shape
     row = bs * hkv * d
-    out = _buffer(which, block_ids.numel() * row, kv_cache).view(-1, row)
-    if kv_cache.is_contiguous():  # whole-row copies: [num_blocks * 2, block_size * Hkv * D]
-        torch.index_select(kv_cache.view(nblk * 2, row), 0, block_ids * 2 + which, out=out)
+    out = _buffer(slot, rows.numel() * row, kv_cache).view(-1, row)
+    if kv_cache.is_contiguous():  # whole-row copies
+        torch.index_select(kv_cache.view(nblk * 2, row), 0, rows, out=out)
     else:
-        torch.index_select(kv_cache[:, which], 0, block_ids, out=out.view(-1, bs, hkv, d))
+        torch.index_select(kv_cache[:, slot], 0, rows // 2, out=out.view(-1, bs, hkv, d))
     return out.view(-1, hkv, d)
 
 
@@ -152,23 +200,24 @@ def _widen(x, dtype):
     return x.to(dtype) if x.dtype == FP8_KV_DTYPE else x
 
 
-def _gather_kv(kv_cache, block_ids, ctx, dtype):
+def _gather_kv(kv_cache, k_rows, v_rows, ctx, dtype):
     """K and V of one sequence as [1, Hkv, ctx, D] views (one gather each; SDPA takes the strides as they are)."""
-    k = _widen(_gather(kv_cache, block_ids, 0)[:ctx], dtype)
-    v = _widen(_gather(kv_cache, block_ids, 1)[:ctx], dtype)
+    k = _widen(_gather(kv_cache, k_rows, 0)[:ctx], dtype)
+    v = _widen(_gather(kv_cache, v_rows, 1)[:ctx], dtype)
     return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
 
-def _attend_one(q, kv_cache, block_table, ctx, scale, sliding_window, softcap):
-    """q [M, Hq, D] of one sequence whose keys are positions [0, ctx) -> [M, Hq, D]: a prefill (chunk)
-    or a lone decode token, with no padding and, where every gathered key is visible, no mask."""
+def _attend_one(q, kv_cache, k_rows, v_rows, ctx, scale, sliding_window, softcap):
+    """q [M, Hq, D] of one sequence whose keys are positions [0, ctx) in the blocks of k_rows / v_rows
+    -> [M, Hq, D]: a prefill (chunk) or a lone decode token, with no padding and, where every
+    gathered key is visible, no mask."""
     m = q.shape[0]
     bs = kv_cache.shape[2]
     first = 0  # first block any query can see: with a window, older blocks are never gathered
     if sliding_window is not None:
         first = max(0, ctx - m - sliding_window + 1) // bs
-    ids = block_table[first : -(-ctx // bs)].long()
-    k, v = _gather_kv(kv_cache, ids, ctx - first * bs, q.dtype)
+        k_rows, v_rows = k_rows[first:], v_rows[first:]
+    k, v = _gather_kv(kv_cache, k_rows, v_rows, ctx - first * bs, q.dtype)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, M, D]
     if sliding_window is None and (m == ctx or m == 1):  # causal from 0, or one token that sees all
         out = _attend(qh, k, v, None, scale, softcap, is_causal=m > 1)
@@ -197,22 +246,25 @@ def paged_attention(
     max_seq_len: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of q [T, Hq, D] over the paged cache; see the module docstring.
     max_query_len / max_seq_len are accepted for the Triton entry point's signature and unused:
-    this twin reads the lengths from the tensors. k_scale / v_scale: the fp8 cache's dequantization
-    scales (ignored for other cache dtypes)."""
+    this twin reads the lengths from the tensors (or from `plan`, this step's `plan_step`, built
+    once for all layers). k_scale / v_scale: the fp8 cache's dequantization scales (ignored for
+    other cache dtypes)."""
     if out is None:
         out = torch.empty_like(q)
     if kv_cache.dtype == FP8_KV_DTYPE:
         scale = scale * k_scale  # q . (k * k_scale) == (q . k) * k_scale
     else:
         v_scale = 1.0
-    qsl = query_start_loc.tolist()
-    for b, ctx in enumerate(seq_lens.tolist()):
-        start, end = qsl[b], qsl[b + 1]
+    bs = kv_cache.shape[2]
+    if plan is None or plan.block_size != bs:
+        plan = plan_step(torch.zeros(0), block_tables, seq_lens, query_start_loc, bs)
+    for start, end, ctx, k_rows, v_rows in plan.seqs:
         if end > start:
-            res = _attend_one(q[start:end], kv_cache, block_tables[b], ctx, scale, sliding_window, softcap)
+            res = _attend_one(q[start:end], kv_cache, k_rows, v_rows, ctx, scale, sliding_window, softcap)
             out[start:end] = _scaled(res, v_scale).to(out.dtype)
     return out
 
