@@ -36,7 +36,7 @@ import torch
 from . import reference
 
 __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
-           "quantize_fp8_rows", "reference"]
+           "quantize_fp8_rows", "plan_step", "reference"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -100,10 +100,11 @@ def store_kv(
     *,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    plan=None,
     impl: str | None = None,
 ) -> None:
     """Write key/value [T, Hkv, D] into kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping [T]; -1 skips.
-    An fp8 cache stores key / k_scale and value / v_scale."""
+    An fp8 cache stores key / k_scale and value / v_scale. plan: this step's `plan_step` (used on the CPU)."""
     if key.shape != value.shape or key.dim() != 3:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be [T, Hkv, D]")
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or tuple(kv_cache.shape[3:]) != tuple(key.shape[1:]):
@@ -114,7 +115,9 @@ def store_kv(
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [T] with T = {key.shape[0]}")
     _check_cache(kv_cache, k_scale, v_scale)
-    _pick(impl, kv_cache).store_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+    mod = _pick(impl, kv_cache)
+    extra = {"plan": plan} if mod is reference else {}
+    mod.store_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale, **extra)
 
 
 def _check_cache(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
@@ -139,6 +142,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    plan=None,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] over the paged cache -> [T, Hq, D] (written into `out` if given).
@@ -169,7 +173,9 @@ def paged_attention(
     if softcap is not None and softcap <= 0:
         softcap = None
     _check_cache(kv_cache, k_scale, v_scale)
-    return _pick(impl, q).paged_attention(
+    mod = _pick(impl, q)
+    extra = {"plan": plan} if mod is reference else {}
+    return mod.paged_attention(
         q,
         kv_cache,
         block_tables,
@@ -183,7 +189,17 @@ def paged_attention(
         max_seq_len=max_seq_len,
         k_scale=k_scale,
         v_scale=v_scale,
+        **extra,
     )
+
+
+def plan_step(slot_mapping, block_tables, seq_lens, query_start_loc, block_size: int):
+    """The per-step index work of the CPU twin (slot -> cache rows, each sequence's block rows and
+    lengths), built once per step and passed to every layer's store_kv / paged_attention as `plan`.
+    None for CUDA tensors: the Triton kernels index the tables themselves."""
+    if slot_mapping.is_cuda:
+        return None
+    return reference.plan_step(slot_mapping, block_tables, seq_lens, query_start_loc, block_size)
 
 
 def quantize_fp8_rows(x: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

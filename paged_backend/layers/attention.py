@@ -23,6 +23,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] int32, cumulative new-token counts
     max_query_len: int
     max_seq_len: int
+    plan: object | None = None  # kernels.plan_step of these tensors (CPU): the per-step index work, once
 
 
 class Attention(nn.Module):
@@ -56,7 +57,9 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        kernels.store_kv(k, v, self.kv_cache, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
+        kernels.store_kv(
+            k, v, self.kv_cache, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale, plan=meta.plan
+        )
         out = kernels.paged_attention(
             q,
             self.kv_cache,
@@ -70,5 +73,6 @@ class Attention(nn.Module):
             max_seq_len=meta.max_seq_len,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            plan=meta.plan,
         )
         return out.view(t, self.num_heads * self.head_dim)

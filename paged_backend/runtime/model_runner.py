@@ -84,6 +84,7 @@ class ModelRunner:
                 query_start_loc=qsl,
                 max_query_len=step.max_query_len,
                 max_seq_len=step.max_seq_len,
+                plan=kernels.plan_step(slots, tables, seq_lens, qsl, self.block_size),
             )
             hidden = self.model(ids, positions, meta)
         if prof is not None:
