@@ -13,7 +13,7 @@ def test_profile_is_off_by_default_and_prints_medians_when_on(tiny_model_dir, mo
     kw = dict(dtype="float32", device="cpu", max_model_len=128)
     monkeypatch.delenv(ENV, raising=False)
     with LLM(str(model_dir), **kw) as llm:
-        assert llm.engine.runner.profile is None
+        assert llm.engine.runner.step_profile is None
     monkeypatch.setenv(ENV, "1")
     prompts = [[5 + i, 6, 7, 8] for i in range(3)]
     with LLM(str(model_dir), **kw) as llm:
