@@ -73,19 +73,30 @@ class StepPlan:
 
 
 def plan_step(slot_mapping, block_tables, seq_lens, query_start_loc, block_size: int) -> StepPlan:
+    store_rows, keep = _store_rows(slot_mapping, block_size)
+    return StepPlan(block_size, store_rows, keep, _seq_rows(block_tables, seq_lens, query_start_loc, block_size))
+
+
+def _store_rows(slot_mapping, block_size: int):
+    """((K rows, V rows) of the tokens with a slot in a cache's [num_blocks * 2 * block_size, Hkv * D]
+    row view, indices of those tokens or None when every token has one)."""
     slots = slot_mapping.to(torch.long)
     keep = None
     if not bool((slots >= 0).all()):
         keep = torch.nonzero(slots >= 0).flatten()
         slots = slots[keep]
-    k_store = (slots // block_size) * (2 * block_size) + slots % block_size
+    k_rows = (slots // block_size) * (2 * block_size) + slots % block_size
+    return (k_rows, k_rows + block_size), keep
+
+
+def _seq_rows(block_tables, seq_lens, query_start_loc, block_size: int):
+    """Per sequence: (query start, query end, context length, K rows, V rows of its blocks)."""
     k_rows, v_rows = _block_rows(block_tables)
     qsl = query_start_loc.tolist()
-    seqs = tuple(
+    return tuple(
         (qsl[b], qsl[b + 1], ctx, k_rows[b, : -(-ctx // block_size)], v_rows[b, : -(-ctx // block_size)])
         for b, ctx in enumerate(seq_lens.tolist())
     )
-    return StepPlan(block_size, (k_store, k_store + block_size), keep, seqs)
 
 
 def store_kv(
@@ -100,31 +111,22 @@ def store_kv(
     """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T] (slot = block * block_size + offset); -1 skips.
     An fp8 cache stores key / k_scale and value / v_scale. plan: this step's `plan_step` (optional)."""
     block_size = kv_cache.shape[2]
-    if plan is not None and plan.block_size == block_size and kv_cache.is_contiguous():
-        if plan.keep is not None:
-            key, value = key[plan.keep], value[plan.keep]
-        if kv_cache.dtype == FP8_KV_DTYPE:
-            key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
-            kv_cache = kv_cache.view(torch.uint8)
-        rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
-        rows.index_copy_(0, plan.store_rows[0], key.reshape(key.shape[0], -1).to(kv_cache.dtype))
-        rows.index_copy_(0, plan.store_rows[1], value.reshape(value.shape[0], -1).to(kv_cache.dtype))
-        return
-    slots = slot_mapping.to(torch.long)
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, key, value = slots[keep], key[keep], value[keep]
+    if plan is not None and plan.block_size == block_size:
+        (k_rows, v_rows), keep = plan.store_rows, plan.keep
+    else:
+        (k_rows, v_rows), keep = _store_rows(slot_mapping, block_size)
+    if keep is not None:
+        key, value = key[keep], value[keep]
     if kv_cache.dtype == FP8_KV_DTYPE:
         # torch has no CPU index_copy_ for float8: the bytes are copied as uint8.
         key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
         kv_cache = kv_cache.view(torch.uint8)
-    blocks, offsets = slots // block_size, slots % block_size
     if kv_cache.is_contiguous():  # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put
         rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
-        k_rows = blocks * (2 * block_size) + offsets
         rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1).to(kv_cache.dtype))
-        rows.index_copy_(0, k_rows + block_size, value.reshape(value.shape[0], -1).to(kv_cache.dtype))
+        rows.index_copy_(0, v_rows, value.reshape(value.shape[0], -1).to(kv_cache.dtype))
         return
+    blocks, offsets = k_rows // (2 * block_size), k_rows % (2 * block_size)
     kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)
     kv_cache[blocks, 1, offsets] = value.to(kv_cache.dtype)
 
@@ -260,9 +262,11 @@ def paged_attention(
     else:
         v_scale = 1.0
     bs = kv_cache.shape[2]
-    if plan is None or plan.block_size != bs:
-        plan = plan_step(torch.zeros(0), block_tables, seq_lens, query_start_loc, bs)
-    for start, end, ctx, k_rows, v_rows in plan.seqs:
+    if plan is not None and plan.block_size == bs:
+        seqs = plan.seqs
+    else:
+        seqs = _seq_rows(block_tables, seq_lens, query_start_loc, bs)
+    for start, end, ctx, k_rows, v_rows in seqs:
         if end > start:
             res = _attend_one(q[start:end], kv_cache, k_rows, v_rows, ctx, scale, sliding_window, softcap)
             out[start:end] = _scaled(res, v_scale).to(out.dtype)

@@ -163,34 +163,36 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return data
 
 
-class GlooStepSender:
+class _GlooEnd:
+    """Either end over gloo: the word count, then the words, broadcast into reused buffers."""
+
     def __init__(self, control):
         self._control = control
         self._size = torch.zeros(1, dtype=torch.int64)
         self._buf = torch.empty(0, dtype=torch.int32)
 
+    def _words(self, n: int) -> torch.Tensor:
+        if n > self._buf.numel():
+            self._buf = torch.empty(2 * n, dtype=torch.int32)
+        return self._buf[:n]
+
+
+class GlooStepSender(_GlooEnd):
     def send(self, step: StepInput | None) -> None:
-        words = _STOP if step is None else wire_words(step)
-        if words > self._buf.numel():
-            self._buf = torch.empty(2 * words, dtype=torch.int32)
-        if step is not None:
-            encode_into(step, self._buf.numpy())
-        self._size[0] = words
+        buf = None if step is None else self._words(wire_words(step))
+        if buf is not None:
+            encode_into(step, buf.numpy())
+        self._size[0] = _STOP if buf is None else buf.numel()
         dist.broadcast(self._size, src=0, group=self._control)
-        if step is not None:
-            dist.broadcast(self._buf[:words], src=0, group=self._control)
+        if buf is not None:
+            dist.broadcast(buf, src=0, group=self._control)
 
     def close(self) -> None:
         pass
 
 
-class GlooStepReceiver:
+class GlooStepReceiver(_GlooEnd):
     """The arrays of a received step are views into a reused buffer: valid until the next receive."""
-
-    def __init__(self, control):
-        self._control = control
-        self._size = torch.zeros(1, dtype=torch.int64)
-        self._buf = torch.empty(0, dtype=torch.int32)
 
     def receive(self) -> StepInput | None:
         return self.read(self.wait())
@@ -202,10 +204,9 @@ class GlooStepReceiver:
     def read(self, words: int) -> StepInput | None:
         if words == _STOP:
             return None
-        if words > self._buf.numel():
-            self._buf = torch.empty(2 * words, dtype=torch.int32)
-        dist.broadcast(self._buf[:words], src=0, group=self._control)
-        return decode(self._buf.numpy()[:words])
+        buf = self._words(words)
+        dist.broadcast(buf, src=0, group=self._control)
+        return decode(buf.numpy())
 
 
 def open_receiver(control):

@@ -59,29 +59,26 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     try:
         spec: ShardSpec = receive(control)
         runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
-        steps = open_receiver(control)  # shared memory from the rank 0 that spawned us, else gloo
-        if runner.step_profile is None:
-            while (step := steps.receive()) is not None:
-                runner.execute(step)
-        else:
-            _serve_profiled(runner, steps)
+        _serve_steps(runner, open_receiver(control))  # shared memory from the rank 0 that spawned us, else gloo
         runner.release()
     finally:
         destroy_groups()
 
 
-def _serve_profiled(runner, steps) -> None:
-    """The step loop, timing the wait for each step and its reading apart (PAGED_BACKEND_PROFILE_STEPS)."""
+def _serve_steps(runner, steps) -> None:
+    """Run each step rank 0 sends until it says stop; with PAGED_BACKEND_PROFILE_STEPS the wait for a
+    step and its reading are timed apart."""
     prof = runner.step_profile
     while True:
         t0 = time.perf_counter()
         message = steps.wait()
         t1 = time.perf_counter()
-        prof.add("wait", t1 - t0)
         step = steps.read(message)
         if step is None:
             return
-        prof.add("recv", time.perf_counter() - t1)
+        if prof is not None:
+            prof.add("wait", t1 - t0)
+            prof.add("recv", time.perf_counter() - t1)
         runner.execute(step)
 
 
