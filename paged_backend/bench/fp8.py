@@ -72,11 +72,15 @@ def check_attention() -> list[dict]:
     return rows
 
 
+def _scales(b) -> dict:
+    """The K/V scales every fp8 case uses (other caches take none)."""
+    return dict(k_scale=0.5, v_scale=0.25) if b["kv_cache"].dtype == torch.float8_e4m3fn else {}
+
+
 def _attn(b, impl=None, out=None):
-    scales = dict(k_scale=0.5, v_scale=0.25) if b["kv_cache"].dtype == torch.float8_e4m3fn else {}
     return kernels.paged_attention(
         b["q"], b["kv_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"], D**-0.5, out=out,
-        max_query_len=b["max_query_len"], max_seq_len=b["max_seq_len"], impl=impl, **scales)
+        max_query_len=b["max_query_len"], max_seq_len=b["max_seq_len"], impl=impl, **_scales(b))
 
 
 def linear_table() -> list[dict]:
@@ -113,7 +117,7 @@ def _load_kernel_module(path: str):
 
 def _decode(mod, b, d, out, config=None):
     """A decode launch of kernel module `mod` (its own heuristics, or `config`) writing into out."""
-    scales = dict(k_scale=0.5, v_scale=0.25) if b["kv_cache"].dtype == torch.float8_e4m3fn else {}
+    scales = _scales(b)
     return lambda: mod.paged_attention(
         b["q"], b["kv_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"], d**-0.5, None, None, out,
         max_query_len=1, max_seq_len=b["max_seq_len"], config=config, **scales)
