@@ -5,9 +5,9 @@ A constrained request is held here, outside the scheduler's queue, until its gra
 gets its own matcher the first time it is sampled — forked siblings included — and the matcher
 follows the sequence's output tokens after every appended token.
 
-The step's masks are filled in one persistent worker thread while the engine post-processes the
-previous step (xgrammar's fill releases the GIL): between the start of a fill and its join the
-worker owns the matchers it fills, and nothing else touches them (see `bitmask`).
+The step's masks are filled in a worker thread while the engine post-processes the previous step
+(xgrammar's fill releases the GIL): between the start of a fill and its join the worker owns the
+matchers it fills, and nothing else touches them (see `bitmask`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from paged_backend.structured.compiler import GrammarCompiler
-from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar, accept_each
+from paged_backend.structured.matcher import BitmaskFiller, MaskFill, SequenceGrammar, accept_each
 from paged_backend.structured.spec import StructuredOutputs
 
 logger = logging.getLogger("paged_backend")
@@ -29,7 +29,7 @@ class StructuredRequests:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         self.compiler = GrammarCompiler(tokenizer, vocab_size, list(stop_token_ids))
         self._filler: Optional[BitmaskFiller] = None
-        self._fill_worker: Optional[cf.ThreadPoolExecutor] = None  # created with the first overlapped fill
+        self._filling: Optional[MaskFill] = None  # the fill running while the engine post-processes
         self.compiling: list = []  # sequences whose grammar is not compiled yet
 
     def submit(self, spec: Optional[StructuredOutputs]) -> Optional[cf.Future]:
@@ -97,14 +97,17 @@ class StructuredRequests:
         if meanwhile is None:
             self._filler.fill(grammars, out, live)
             return live
-        if self._fill_worker is None:
-            self._fill_worker = cf.ThreadPoolExecutor(1, thread_name_prefix="paged-backend-mask-fill")
-        fill = self._fill_worker.submit(self._filler.fill, grammars, out, live)
+        self._filling = MaskFill(self._filler, grammars, out, live)
         try:
             meanwhile()
         finally:
-            fill.result()  # (also when meanwhile raised: the worker lets go of the matchers first)
+            self._join_fill()  # (also when meanwhile raised: the worker lets go of the matchers first)
         return live
+
+    def _join_fill(self) -> None:
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            filling.join()
 
     def _sync(self, row_seqs: list, pending_token) -> tuple[list[SequenceGrammar], list[int]]:
         """Bring each constrained row's matcher to its output + pending token; (the matchers that go
@@ -136,6 +139,8 @@ class StructuredRequests:
         """Advance seq's matcher over its newest token: "stop" once the grammar has ended (its stop
         token accepted), "abort" if the token breaks the grammar, None otherwise."""
         g = self._grammar(seq)
+        if self._filling is not None and self._filling.uses(g) and not g.synced(seq.token_ids, seq.num_prompt_tokens):
+            self._join_fill()  # (never in practice: a row being filled was synced before its fill began)
         if not g.follow(seq.token_ids, seq.num_prompt_tokens):
             logger.error("request %s: sampled token %d is outside its grammar", seq.request.request_id, seq.token_ids[-1])
             return "abort"
@@ -143,7 +148,5 @@ class StructuredRequests:
 
     def shutdown(self) -> None:
         self.compiler.shutdown()
-        if self._fill_worker is not None:
-            self._fill_worker.shutdown()
-            self._fill_worker = None
+        self._join_fill()
         self.compiling = []
