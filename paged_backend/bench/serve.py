@@ -150,6 +150,19 @@ def _ms(p: dict) -> str:
     return f"{p['p50'] * 1e3:7.0f} {p['p90'] * 1e3:7.0f} {p['p99'] * 1e3:7.0f}"
 
 
+def _hub_cache(workdir: Path) -> Path:
+    """The hub cache the transformers peer scans for its model list: the user's if it exists, else an
+    empty one in the work directory (machines without a model hub have none)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    home = Path(HF_HUB_CACHE)
+    if home.is_dir():
+        return home
+    empty = workdir / "hf-hub-cache"
+    empty.mkdir(parents=True, exist_ok=True)
+    return empty
+
+
 def _print_header() -> None:
     print(f"{'server':12s} {'level':>14s} {'req/s':>7s} {'out tok/s':>9s} | {'TTFT ms p50   p90     p99':>23s} | "
           f"{'ITL ms p50    p90     p99':>23s} | {'E2E s p50  p90   p99':>20s} | {'goodput':>7s} {'ok':>7s} {'load':>5s}",
@@ -222,6 +235,8 @@ def serve(a) -> dict:
             cmd = server_command(kind, model_dir, port, a.dtype, a.device, kv, _extra(a, kind))
             env = {"PAGED_BACKEND_TORCH_THREADS": str(a.server_threads), "OMP_NUM_THREADS": str(a.server_threads)} \
                 if a.server_threads else {}
+            if kind == "transformers":  # its /v1/models scans the hub cache and fails (HTTP 500) where there is none
+                env["HF_HUB_CACHE"] = str(_hub_cache(workdir))
             print(f"[bench serve] starting {kind}: {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
             proc = ServerProcess(kind, cmd, port, workdir / f"{kind}.log", env)
