@@ -142,20 +142,28 @@ class PeerAllReduce:
         max_bytes = min(p["max_bytes"] for p in everyone)
         programs = min(p["programs"] for p in everyone)
         _, total = kernel.region_layout(max_bytes, world, programs)
-        region, opened = runtime.malloc_zeroed(device.index, total), []
+        region, handle, opened, addresses = None, None, [], []
         try:
-            handles: list[bytes] = [None] * world  # type: ignore[list-item]
-            dist.all_gather_object(handles, runtime.export(region), group=control)
-            addresses = [region if r == rank else runtime.open(device.index, h) for r, h in enumerate(handles)]
-            opened = [a for r, a in enumerate(addresses) if r != rank]
-            ok = True
+            region = runtime.malloc_zeroed(device.index, total)
+            handle = runtime.export(region)
         except RuntimeError as exc:
-            logger.warning("all-reduce: peer memory could not be shared (%s); NCCL for every message", exc)
+            logger.warning("all-reduce: no peer memory on %s (%s); NCCL for every message", device, exc)
+        handles: list[bytes | None] = [None] * world
+        dist.all_gather_object(handles, handle, group=control)
+        ok = all(h is not None for h in handles)
+        try:
+            for r, h in enumerate(handles if ok else []):
+                addresses.append(region if r == rank else runtime.open(device.index, h))
+                if r != rank:
+                    opened.append(addresses[-1])
+        except RuntimeError as exc:
+            logger.warning("all-reduce: a peer's memory could not be opened (%s); NCCL for every message", exc)
             ok = False
         if not _agree(control, ok):  # every rank gives up together, or none does
             for ptr in opened:
                 runtime.close(ptr)
-            runtime.free(region)
+            if region is not None:
+                runtime.free(region)
             return None
         logger.info("all-reduce: messages up to %.1f MiB through NVLink peer memory (%d ranks, %.1f MiB a rank)",
                     max_bytes / 2**20, world, total / 2**20)
@@ -196,15 +204,25 @@ class PeerAllReduce:
         if not self._drain():
             logger.warning("all-reduce: the stream of %s never went idle; its peer memory stays allocated", self.device)
             return
-        if control is not None:
-            try:
-                dist.monitored_barrier(group=control, timeout=_RELEASE_BARRIER)
-            except Exception as exc:  # a peer went away meanwhile: it reads nothing any more either
-                logger.warning("all-reduce: ranks did not release peer memory together (%s)", exc)
-        for ptr in self._opened:
-            self._runtime.close(ptr)
-        self._runtime.free(self._region)
+        together = control is not None and self._barrier(control)  # nobody reads anybody's buffer now
+        try:
+            for ptr in self._opened:
+                self._runtime.close(ptr)
+        except RuntimeError as exc:  # e.g. the peer's process is gone: its memory went with it
+            logger.warning("all-reduce: closing a peer's region failed (%s)", exc)
         self._opened = []
+        if together:
+            self._barrier(control)  # nobody maps this rank's region any more
+        self._runtime.free(self._region)
+
+    @staticmethod
+    def _barrier(control) -> bool:
+        try:
+            dist.monitored_barrier(group=control, timeout=_RELEASE_BARRIER)
+            return True
+        except Exception as exc:  # a peer went away meanwhile: it reads nothing any more either
+            logger.warning("all-reduce: the ranks did not release peer memory together (%s)", exc)
+            return False
 
     def _drain(self) -> bool:
         """Wait for this rank's stream, aborting the waits in it if it takes too long (a peer that

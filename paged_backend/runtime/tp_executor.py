@@ -183,10 +183,10 @@ class TPExecutor:
             time.sleep(_POLL_S)
         if self._dead is not None and not self._closing:
             logger.error("tensor parallelism: %s; the engine is dead", self._dead)
-            abort_groups()
             peer = getattr(getattr(self, "tp", None), "peer", None)
-            if peer is not None:  # kernels spinning on the dead rank's flags give up
+            if peer is not None:  # first (a host write, it cannot block): kernels waiting for the dead rank give up
                 peer.abort()
+            abort_groups()
 
     # ---- steps -----------------------------------------------------------------------------
     @property
@@ -260,6 +260,7 @@ class TPExecutor:
         if self._dead is None:
             peer.release(self.control)  # with the workers, which release theirs after their last step
         else:
+            peer.abort()
             abort_groups()  # NCCL kernels behind ours in the stream must end too before it drains
             peer.release()
 
