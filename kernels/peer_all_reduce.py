@@ -75,6 +75,7 @@ def _peer_all_reduce_kernel(
     programs = tl.num_programs(0)
     call = tl.load(counters_ptr + pid) + 1  # int64, the same on every rank (see the module docstring)
     offset = (call % 2) * half_bytes  # this call's buffer
+    flags_at = 2 * half_bytes.to(tl.int64)  # int64: 2 x half_bytes may not fit an int32
     dtype = x_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
 
@@ -90,11 +91,11 @@ def _peer_all_reduce_kernel(
 
     # 2. announce call `call` of program pid to every rank (itself included: harmless, keeps one loop)
     for r in tl.static_range(WORLD):
-        flags_r = (tl.load(regions_ptr + r) + 2 * half_bytes).to(tl.pointer_type(tl.int64))
+        flags_r = (tl.load(regions_ptr + r) + flags_at).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flags_r + RANK * programs + pid, call, sem="release", scope="sys")
 
     # 3. wait until every peer announced it too (or the host aborts, or max_spins pass)
-    my_flags = (tl.load(regions_ptr + RANK) + 2 * half_bytes).to(tl.pointer_type(tl.int64))
+    my_flags = (tl.load(regions_ptr + RANK) + flags_at).to(tl.pointer_type(tl.int64))
     stop = 0
     for r in tl.static_range(WORLD):
         if r != RANK:

@@ -88,6 +88,15 @@ def test_matches_the_twin_bitwise_eager_in_graphs_and_back_to_back():
         assert bad == [], f"rank {rank}: {bad[:10]}"
 
 
+def _wait_for_stream(limit_s: float = 60.0) -> None:
+    """Poll (the GIL stays free for the thread that aborts); give up after limit_s."""
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + limit_s
+    while not done.query() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _abort_rank(rank, world, control) -> dict:
     device = torch.device("cuda", rank)
     x = torch.ones(4096, device=device)
@@ -99,7 +108,7 @@ def _abort_rank(rank, world, control) -> dict:
         start = time.monotonic()
         timer.start()
         peer.all_reduce(x)
-        torch.cuda.synchronize()
+        _wait_for_stream()
         seen["abort_s"], seen["saw_abort"] = time.monotonic() - start, peer.saw_abort
     dist.barrier(group=control)
     peer.release()  # the way the engine releases with a dead peer: no rendezvous
@@ -109,7 +118,7 @@ def _abort_rank(rank, world, control) -> dict:
     if rank == 0:
         start = time.monotonic()
         peer.all_reduce(x)
-        torch.cuda.synchronize()
+        _wait_for_stream()
         seen["timeout_s"], seen["timed_out"] = time.monotonic() - start, peer.timed_out
     dist.barrier(group=control)
     peer.release()
