@@ -17,7 +17,7 @@ from paged_backend.outputs import RequestOutput
 from paged_backend.params import SamplingParams
 from paged_backend.prompts import PromptPreparer
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int], dict]  # dict: vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
 
 
@@ -89,7 +89,8 @@ class LLM:
         sampling_params: ParamsArg = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (str or token-id list); results in input order."""
+        """Generate for every prompt (str, token-id list, or vLLM's {"prompt": str} / {"prompt_token_ids":
+        [...]} dict); results in input order."""
         return self._run([self._prompts.prompt(p) for p in _as_prompt_list(prompts)], sampling_params, use_tqdm)
 
     def chat(
@@ -187,7 +188,7 @@ class LLM:
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         if prompts and all(isinstance(t, int) for t in prompts):
@@ -195,7 +196,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         if not prompts:
             raise ValueError("no prompts given")
         return list(prompts)
-    raise TypeError(f"prompts must be a str, a list of str or token-id lists; got {type(prompts).__name__}")
+    raise TypeError(f"prompts must be a str, a token-id list, a prompt dict or a list of those; got {type(prompts).__name__}")
 
 
 def per_prompt_params(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:

@@ -58,6 +58,20 @@ def check_prompt_tokens(num_tokens: int, max_model_len: int) -> None:
         )
 
 
+def prompt_from_dict(prompt: dict) -> Union[str, list[int]]:
+    """vLLM's prompt dicts: {"prompt": text} (TextPrompt) or {"prompt_token_ids": ids} (TokensPrompt)."""
+    keys = set(prompt)
+    if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+        return prompt["prompt"]
+    if keys == {"prompt_token_ids"} and isinstance(prompt["prompt_token_ids"], (list, tuple)):
+        return list(prompt["prompt_token_ids"])
+    extra = sorted(keys - {"prompt", "prompt_token_ids"})
+    raise TypeError(
+        "a prompt dict must be {'prompt': str} or {'prompt_token_ids': list of ints}"
+        + (f"; unsupported key(s): {', '.join(map(repr, extra))}" if extra else f"; got keys {sorted(keys)}")
+    )
+
+
 class PromptPreparer:
     """(text, token ids) of prompts for one engine; safe to call from any thread (reads the tokenizer only)."""
 
@@ -66,7 +80,9 @@ class PromptPreparer:
         self.max_model_len = engine.max_model_len
         self.chars_per_token = max_chars_per_token(engine.tokenizer)
 
-    def prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], Any]:
+    def prompt(self, prompt: Union[str, list[int], dict]) -> tuple[Optional[str], Any]:
+        if isinstance(prompt, dict):
+            prompt = prompt_from_dict(prompt)
         if isinstance(prompt, str):
             check_prompt_chars(prompt, self.max_model_len, self.chars_per_token)
             text, ids = self.engine.tokenize(prompt)

@@ -181,6 +181,22 @@ def test_largest_seed_with_n_siblings_runs(llm):
     assert out.outputs == llm.generate([_ids(5, 2)], p, use_tqdm=False)[0].outputs  # seeded: reproducible
 
 
+def test_vllm_prompt_dicts(llm):
+    """vLLM's TextPrompt / TokensPrompt dicts give the same outputs as the plain str / id list;
+    a dict with other keys is refused by name."""
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ids = _ids(7, 4)
+    plain = llm.generate(["a text prompt", ids], greedy, use_tqdm=False)
+    dicts = llm.generate([{"prompt": "a text prompt"}, {"prompt_token_ids": ids}], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
+    assert dicts[0].prompt == "a text prompt" and dicts[1].prompt_token_ids == ids
+    single = llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+    assert single[0].outputs[0].token_ids == plain[1].outputs[0].token_ids
+    with pytest.raises(TypeError, match="multi_modal_data"):
+        llm.generate([{"prompt": "x", "multi_modal_data": {}}], greedy, use_tqdm=False)
+    assert llm.stats().num_blocks_used == 0
+
+
 def test_prompt_text_is_reported_for_token_ids(llm):
     req = llm.engine.add_request(_ids(4, 3), SamplingParams(max_tokens=2), prompt_text="the rendered text")
     outs = []

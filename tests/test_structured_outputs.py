@@ -286,3 +286,46 @@ def test_gpu_mask_from_the_page_locked_buffer_matches_the_cpu():
         logits = torch.randn(n, vocab)
         on_gpu = apply_grammar_bitmask(logits.cuda(), buf, rows).cpu()
         assert torch.equal(on_gpu, apply_grammar_bitmask(logits, buf.clone(), rows)), n
+
+
+def test_masks_fill_while_the_previous_step_is_post_processed(llm, monkeypatch):
+    """The fill of step N's masks runs in the structured component's worker thread while the main
+    thread post-processes step N-1 (a fill that waited for the post-processing would time out here),
+    and the outputs are what they are without the overlap: valid, and a greedy row's tokens those it
+    has alone."""
+    from paged_backend.engine.engine import Engine
+    from paged_backend.structured.matcher import BitmaskFiller
+    from paged_backend.structured.requests import StructuredRequests
+
+    main, finishing = threading.get_ident(), threading.Event()
+    overlapped = []
+    fill, finish, sync = BitmaskFiller.fill, Engine._finish, StructuredRequests._sync
+
+    def sync_then_await_post_processing(self, row_seqs, pending_token):
+        finishing.clear()  # (set again only by a post-processing that starts after this sync)
+        return sync(self, row_seqs, pending_token)
+
+    def fill_waiting_for_post_processing(self, grammars, out, rows):
+        if threading.get_ident() != main:  # (a step with nothing in flight fills on the main thread)
+            overlapped.append(finishing.wait(timeout=10))
+        return fill(self, grammars, out, rows)
+
+    def finish_announced(self, launched, emit_unfinished):
+        finishing.set()
+        return finish(self, launched, emit_unfinished)
+
+    params = _json_params(0.0)[:2] + [SamplingParams(max_tokens=30, temperature=0.0)]
+    alone = [llm.generate(PROMPT, p, use_tqdm=False)[0].outputs[0].token_ids for p in params]
+    # Steps overlap as on a GPU (an engine that finishes each CPU step at once has none in flight).
+    monkeypatch.setattr(llm.engine, "overlap_steps", True)
+    monkeypatch.setattr(BitmaskFiller, "fill", fill_waiting_for_post_processing)
+    monkeypatch.setattr(Engine, "_finish", finish_announced)
+    monkeypatch.setattr(StructuredRequests, "_sync", sync_then_await_post_processing)
+    outs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    assert len(overlapped) > 5 and all(overlapped), overlapped
+    for out, p, ids in zip(outs, params, alone):
+        assert out.outputs[0].token_ids == ids
+        if p.structured_outputs is not None:
+            assert out.outputs[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(out.outputs[0].text), p.structured_outputs.json)
+    assert llm.stats().num_blocks_used == 0

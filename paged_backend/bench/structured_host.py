@@ -6,9 +6,11 @@ One tiny model (one layer, hidden 64) with the real vocabulary size (128,256 by 
 tokenizer), so the forward pass is cheap and what the grammar costs shows: N requests decode
 together, first unconstrained, then each constrained to BENCH_SCHEMA, in one engine. Prints the
 median step time of each kind of run (steps where all N decode; the best of --repeats runs) and the median host time per step spent in the
-grammar parts: syncing the matchers and filling the masks (before the mask is applied), applying
-the mask, and advancing the matchers over the appended tokens. On the GPU the first two overlap
-the forward pass; only what is left over lengthens a step.
+grammar parts: syncing the matchers and filling the masks (before the mask is applied; the fill
+runs in a worker thread while the engine post-processes the previous step, so the time from the
+sync to the join includes that post-processing), applying the mask, and advancing the matchers over
+the appended tokens. On the GPU the first two overlap the forward pass; only what is left over
+lengthens a step.
 """
 
 from __future__ import annotations
@@ -117,8 +119,9 @@ def main(argv=None) -> dict:
         _run(llm, prompts[:2], 4, None)
         _run(llm, prompts[:2], 4, BENCH_SCHEMA)  # compiles the grammar (cached for the timed runs)
         timers = _Timers()
-        timers.wrap(StructuredRequests, "bitmask", "sync matchers + fill masks")
-        timers.wrap(BitmaskFiller, "fill", "  of which fill (xgrammar threads)")
+        timers.wrap(StructuredRequests, "_sync", "sync matchers")
+        timers.wrap(BitmaskFiller, "fill", "fill masks (xgrammar threads)")
+        timers.wrap(StructuredRequests, "bitmask", "sync + fill, overlapped with post-process")
         timers.wrap(StructuredRequests, "follow", "advance matchers (post-process)")
         timers.wrap(sampler_mod, "apply_grammar_bitmask", "apply masks")
         free, constrained = [], []

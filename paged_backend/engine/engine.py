@@ -183,7 +183,8 @@ class Engine:
         step N takes part in step N+1 before the host has read its token: the token goes from
         the sampler's output straight into N+1's inputs on the device. If its token ends it, the
         extra position computed for it is dropped. Steps whose sampling reads the token history
-        (penalties, min_tokens) are post-processed before the next one is scheduled.
+        (penalties, min_tokens) are post-processed before the next one is scheduled. When this
+        step has grammar masks to fill, the previous one is post-processed while they fill.
 
         When launching or post-processing a step raises, exactly the requests of that step are
         aborted and StepFailed names them (after the rest of this step has run).
@@ -195,13 +196,19 @@ class Engine:
             outputs += self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished)
         sched = self.scheduler.schedule()
         self.num_preemptions += sched.num_preempted
+        in_flight = [self._in_flight] if self._in_flight is not None else []
+
+        def finish_in_flight() -> None:  # once: inside the launch while its grammar masks fill, else after it
+            while in_flight:
+                done = in_flight.pop()
+                outputs.extend(self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished))
+
         launched = None
         if sched.scheduled:
             ids = list(dict.fromkeys(s.seq.request.request_id for s in sched.scheduled))
-            launched = self._guarded(ids, None, self._launch, sched)
+            launched = self._guarded(ids, None, self._launch, sched, finish_in_flight if in_flight else None)
         if self._in_flight is not None:
-            done = self._in_flight
-            outputs += self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished)
+            finish_in_flight()
         elif launched is None and not sched.scheduled and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
         if launched is not None and not self.overlap_steps:
@@ -241,7 +248,9 @@ class Engine:
                 outputs.append(out)
         return outputs
 
-    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep:
+    def _launch(self, sched: SchedulerOutput, meanwhile: Optional[Callable[[], None]] = None) -> _LaunchedStep:
+        """Launch sched's step. meanwhile (the previous step's post-processing) runs while this
+        step's grammar masks are filled in a worker thread, if it has any to fill."""
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(sched.scheduled))
         step = build_step_input(sched, self.block_manager.table_array, self.block_manager.block_size)
@@ -269,7 +278,7 @@ class Engine:
             num_logit_rows += 1
         released, self._released_seeds = self._released_seeds, []
         # The grammar masks are filled after the forward pass is launched (see _pending_token).
-        masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out)) if self.structured.any(row_seqs) else None
+        masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out, meanwhile)) if self.structured.any(row_seqs) else None
         sampled = self.runner.execute(with_sampling(step, rows, sample_from, released), grammar_mask=masks)
         for k, seq in enumerate(row_seqs):
             # every token it knows of is computed now; the one just sampled is the next

@@ -37,3 +37,22 @@ class MergedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shards={self.shard_sizes}"
+
+
+def use_input_major_weights(model: nn.Module) -> int:
+    """Store every fp32 CPU linear weight [out, in] in input-major memory order (the transpose made
+    contiguous, viewed back): same shape and values, so nothing else changes, but `F.linear` then
+    hands MKL an untransposed [in, out] operand. For the few rows of a decode step (2-15 sequences)
+    MKL's kernels for that layout are 1.3-3x faster on the model's shapes (the transposed one goes
+    through a slow small-M path); from 16 rows both give bitwise the same results. Returns how many
+    weights changed. Tied weights (an embedding shared with the LM head) change once: row lookups
+    read the strided rows just as well."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(mod, nn.Linear) or w is None or id(w) in seen:
+            continue
+        seen.add(id(w))
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
+    return len(seen)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from paged_backend.args import EngineArgs
 from paged_backend.layers.parallel import SINGLE, TPGroup
+from paged_backend.layers.linear import use_input_major_weights
 from paged_backend.layers.quant import quantize_linears_fp8
 from paged_backend.loader import ModelLoadError, init_dummy_weights, iter_weight_slices, iter_weights, resolve_model
 from paged_backend.loader.quantization import KV_SCALE_SUFFIXES
@@ -119,6 +120,8 @@ def build_shard(
         if spec.quantization == "fp8":
             n = quantize_linears_fp8(model)
             logger.info("fp8 weights: %d linear layers quantized to float8_e4m3fn (per-channel scales)", n)
+        if device.type == "cpu":
+            use_input_major_weights(model)
     elif spec.quantization == "fp8":  # quantizing would rewrite the caller's own model object
         raise ValueError("quantization='fp8' needs a model name or path, not a loaded model object")
     runner = ModelRunner(model, device, args.block_size, tp)

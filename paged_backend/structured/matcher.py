@@ -13,6 +13,7 @@ the constrained rows in place, the runtime applies them to the logits on their d
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,11 +38,11 @@ class SequenceGrammar:
         the output: its last one is where it should be) this costs only the new tokens, not the whole
         output: it runs for every constrained row twice a step.
         """
+        if self.synced(token_ids, start, pending):
+            return True  # nothing new (post-processing, after the mask fill took the pending token)
         acc = self.accepted
         n_acc = len(acc)
         n_out = len(token_ids) - start + (pending is not None)
-        if n_acc == n_out and (not n_acc or acc[-1] == (token_ids[-1] if pending is None else pending)):
-            return True  # nothing new (post-processing, after the mask fill took the pending token)
 
         def at(i: int) -> int:  # output token i
             return pending if start + i == len(token_ids) else token_ids[start + i]
@@ -58,6 +59,15 @@ class SequenceGrammar:
             if not self.took(token, not self.terminated and self.matcher.accept_token(token)):
                 return False
         return True
+
+    def synced(self, token_ids: Sequence[int], start: int = 0, pending: Optional[int] = None) -> bool:
+        """Whether the matcher already stands at the end of the output (as in `follow`): `follow`
+        then returns at once without touching the matcher."""
+        acc = self.accepted
+        n_acc = len(acc)
+        return n_acc == len(token_ids) - start + (pending is not None) and (
+            not n_acc or acc[-1] == (token_ids[-1] if pending is None else pending)
+        )
 
     def lacks_one(self, token_ids: Sequence[int], start: int, pending: Optional[int]) -> Optional[int]:
         """The output's last token (as in `follow`) when it is all the matcher lacks — every step's
@@ -115,3 +125,36 @@ class BitmaskFiller:
             grammars[0].matcher.fill_next_token_bitmask(out, rows[0])
         else:
             self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], out, rows)
+
+
+class MaskFill:
+    """One step's `BitmaskFiller.fill` running in its own thread while the caller does other host
+    work; `join` waits for it and re-raises what it raised.
+
+    A thread per fill rather than a persistent worker: `start` returns only once the new thread is
+    running, and it holds the GIL until xgrammar's fill releases it microseconds later, so the fill
+    begins at once. A worker woken from a queue would instead wait for the GIL while the caller runs
+    Python (up to the interpreter's 5 ms switch interval), which made an earlier version slower than
+    no overlap at all."""
+
+    def __init__(self, filler: BitmaskFiller, grammars: list[SequenceGrammar], out: np.ndarray, rows: list[int]):
+        self._ids = {id(g) for g in grammars}
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(
+            target=self._run, args=(filler, grammars, out, rows), name="paged-backend-mask-fill", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, filler, grammars, out, rows) -> None:
+        try:
+            filler.fill(grammars, out, rows)
+        except BaseException as exc:  # re-raised on the engine's thread by join
+            self._error = exc
+
+    def uses(self, grammar: SequenceGrammar) -> bool:
+        return id(grammar) in self._ids
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

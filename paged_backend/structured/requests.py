@@ -4,6 +4,10 @@ A constrained request is held here, outside the scheduler's queue, until its gra
 (so the scheduler never has to skip it, and nothing else waits for it). Each constrained sequence
 gets its own matcher the first time it is sampled — forked siblings included — and the matcher
 follows the sequence's output tokens after every appended token.
+
+The step's masks are filled in a worker thread while the engine post-processes the previous step
+(xgrammar's fill releases the GIL): between the start of a fill and its join the worker owns the
+matchers it fills, and nothing else touches them (see `bitmask`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from paged_backend.structured.compiler import GrammarCompiler
-from paged_backend.structured.matcher import BitmaskFiller, SequenceGrammar, accept_each
+from paged_backend.structured.matcher import BitmaskFiller, MaskFill, SequenceGrammar, accept_each
 from paged_backend.structured.spec import StructuredOutputs
 
 logger = logging.getLogger("paged_backend")
@@ -25,6 +29,7 @@ class StructuredRequests:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         self.compiler = GrammarCompiler(tokenizer, vocab_size, list(stop_token_ids))
         self._filler: Optional[BitmaskFiller] = None
+        self._filling: Optional[MaskFill] = None  # the fill running while the engine post-processes
         self.compiling: list = []  # sequences whose grammar is not compiled yet
 
     def submit(self, spec: Optional[StructuredOutputs]) -> Optional[cf.Future]:
@@ -68,14 +73,45 @@ class StructuredRequests:
     def any(row_seqs: list) -> bool:
         return any(seq.request.grammar is not None for seq in row_seqs)
 
-    def bitmask(self, row_seqs: list, pending_token, out: np.ndarray) -> Optional[list[int]]:
+    def bitmask(self, row_seqs: list, pending_token, out: np.ndarray, meanwhile=None) -> Optional[list[int]]:
         """Fill row i of out (int32 [len(row_seqs), width]) with row_seqs[i]'s mask for each
         constrained row; the rows filled (None if there are none).
 
         pending_token(seq): the token seq sampled last step that the host has not appended yet, or
         None. Asking for it waits only for last step's sampling, not for this step's forward pass
         (already launched): the host fills the masks while the device computes the logits.
+
+        meanwhile(): host work to run while the masks are filled (the engine post-processes the step
+        whose tokens were just synced here); the fill then runs in the worker thread, joined before
+        this returns. meanwhile must not touch the matchers being filled: `follow` of a row synced
+        here does not (its matcher already has the token, nothing is new); a row that ends in
+        meanwhile keeps its filled mask row, which its dropped sample alone reads.
         """
+        grammars, live = self._sync(row_seqs, pending_token)
+        if not live:
+            if meanwhile is not None:
+                meanwhile()
+            return None
+        if self._filler is None:
+            self._filler = BitmaskFiller(self.compiler.vocab_size)
+        if meanwhile is None:
+            self._filler.fill(grammars, out, live)
+            return live
+        self._filling = MaskFill(self._filler, grammars, out, live)
+        try:
+            meanwhile()
+        finally:
+            self._join_fill()  # (also when meanwhile raised: the worker lets go of the matchers first)
+        return live
+
+    def _join_fill(self) -> None:
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            filling.join()
+
+    def _sync(self, row_seqs: list, pending_token) -> tuple[list[SequenceGrammar], list[int]]:
+        """Bring each constrained row's matcher to its output + pending token; (the matchers that go
+        on, their rows)."""
         grammars, live = [], []
         one_behind, tokens, rows = [], [], []
         for i, seq in enumerate(row_seqs):
@@ -97,17 +133,14 @@ class StructuredRequests:
                 if ok and not g.terminated:
                     grammars.append(g)
                     live.append(i)
-        if not live:
-            return None
-        if self._filler is None:
-            self._filler = BitmaskFiller(self.compiler.vocab_size)
-        self._filler.fill(grammars, out, live)
-        return live
+        return grammars, live
 
     def follow(self, seq) -> Optional[str]:
         """Advance seq's matcher over its newest token: "stop" once the grammar has ended (its stop
         token accepted), "abort" if the token breaks the grammar, None otherwise."""
         g = self._grammar(seq)
+        if self._filling is not None and self._filling.uses(g) and not g.synced(seq.token_ids, seq.num_prompt_tokens):
+            self._join_fill()  # (never in practice: a row being filled was synced before its fill began)
         if not g.follow(seq.token_ids, seq.num_prompt_tokens):
             logger.error("request %s: sampled token %d is outside its grammar", seq.request.request_id, seq.token_ids[-1])
             return "abort"
@@ -115,4 +148,5 @@ class StructuredRequests:
 
     def shutdown(self) -> None:
         self.compiler.shutdown()
+        self._join_fill()
         self.compiling = []
