@@ -327,3 +327,13 @@ def rotary(x, cos, sin):
     sin = sin.to(x.dtype).unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---- all-reduce: what kernels/peer_all_reduce.py returns on every rank ----------------------------
+def all_reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of every rank's tensor (list index = rank), accumulated in fp32 from zero in rank order
+    and rounded once to their dtype: the peer-memory kernel's result, bit for bit, on every rank."""
+    acc = torch.zeros(parts[0].shape, dtype=torch.float32, device=parts[0].device)
+    for part in parts:
+        acc += part.float()
+    return acc.to(parts[0].dtype)

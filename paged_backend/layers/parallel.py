@@ -38,11 +38,14 @@ class TPGroup:
     """This process's place in the tensor-parallel group and the collectives the layers issue.
 
     `group` is the torch.distributed process group of the tensors (NCCL on CUDA, gloo on CPU); None
-    with one rank. Passed explicitly to every parallel layer: no process-global TP state."""
+    with one rank. `peer`: the engine's all-reduce over NVLink peer memory (runtime/peer_memory.py:
+    `fits(x)`, `all_reduce(x)` -> a new tensor) where every rank can run it, else None. Passed
+    explicitly to every parallel layer: no process-global TP state."""
 
     rank: int = 0
     size: int = 1
     group: Any = None
+    peer: Any = None
 
     def split(self, total: int, what: str) -> tuple[int, int]:
         """(start, length) of this rank's equal part of `total` items; ValueError if they do not divide."""
@@ -54,7 +57,11 @@ class TPGroup:
         return self.rank * part, part
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the ranks: in place through NCCL/gloo, or a new tensor from peer memory
+        (callers use the return value)."""
         if self.size > 1:
+            if self.peer is not None and self.peer.fits(x):
+                return self.peer.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
 

@@ -147,7 +147,8 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         logger.info("%s is an FP8 checkpoint: running it with quantization='fp8'", args.model)
         quantization = "fp8"
     kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
-    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched, quantization, kv_dtype)
+    spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched, quantization, kv_dtype,
+                     hidden_size=getattr(cfg, "hidden_size", 0) or 0)
     if args.tensor_parallel_size > 1:
         if model is not None:
             raise ValueError("tensor_parallel_size > 1 needs a model name or path (each rank loads its own shard), "

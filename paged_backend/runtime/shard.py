@@ -43,6 +43,7 @@ class ShardSpec:
     max_num_batched_tokens: int
     quantization: str | None = None  # "fp8": linear weights quantized after load
     kv_dtype: torch.dtype | None = None  # the KV cache's element type (None: the model's dtype)
+    hidden_size: int = 0  # sizes the all-reduce buffers of tensor parallelism (0: unknown)
 
 
 def build_model(source, spec: ShardSpec, device: torch.device, tp: TPGroup = SINGLE) -> torch.nn.Module:

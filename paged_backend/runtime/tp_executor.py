@@ -46,6 +46,7 @@ from paged_backend.runtime.distributed import (
     init_groups,
     open_store,
 )
+from paged_backend.runtime.peer_memory import with_peer_all_reduce
 from paged_backend.runtime.shard import ShardSpec, build_shard
 from paged_backend.runtime.step_channel import GlooStepSender, ShmStepSender, shm_available
 
@@ -101,9 +102,11 @@ class TPExecutor:
             self._channel = self._channel or GlooStepSender(self.control)
             self._watch()
             worker.send(self.control, spec)
-            self.runner, self.num_blocks = build_shard(
-                spec, source, self.tp, self.control, device_for(spec.device_type, self._rdv.local_rank)
-            )
+            device = device_for(spec.device_type, self._rdv.local_rank)
+            # Before the model is built (its layers hold the group) and here, not in build_shard, so
+            # the monitor can abort it from the first collective on.
+            self.tp = with_peer_all_reduce(self.tp, self.control, device, spec)
+            self.runner, self.num_blocks = build_shard(spec, source, self.tp, self.control, device)
         except BaseException as exc:
             reason = self._dead
             self.shutdown()
@@ -180,6 +183,9 @@ class TPExecutor:
             time.sleep(_POLL_S)
         if self._dead is not None and not self._closing:
             logger.error("tensor parallelism: %s; the engine is dead", self._dead)
+            peer = getattr(getattr(self, "tp", None), "peer", None)
+            if peer is not None:  # first (a host write, it cannot block): kernels waiting for the dead rank give up
+                peer.abort()
             abort_groups()
 
     # ---- steps -----------------------------------------------------------------------------
@@ -228,6 +234,7 @@ class TPExecutor:
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.release()
+        self._release_peer_memory()
         deadline = time.monotonic() + _JOIN_S
         for proc in self._procs:
             _wait(proc, deadline - time.monotonic())
@@ -245,6 +252,17 @@ class TPExecutor:
             self._channel.close()
 
     release = shutdown  # what the engine calls on its runner at shutdown
+
+    def _release_peer_memory(self) -> None:
+        peer = getattr(getattr(self, "tp", None), "peer", None)
+        if peer is None:
+            return
+        if self._dead is None:
+            peer.release(self.control)  # with the workers, which release theirs after their last step
+        else:
+            peer.abort()
+            abort_groups()  # NCCL kernels behind ours in the stream must end too before it drains
+            peer.release()
 
     @property
     def worker_pids(self) -> list[int]:

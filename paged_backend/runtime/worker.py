@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from paged_backend.runtime.distributed import Rendezvous, destroy_groups, device_for, init_groups, open_store
+from paged_backend.runtime.peer_memory import with_peer_all_reduce
 from paged_backend.runtime.shard import ShardSpec, build_shard
 from paged_backend.runtime.step_channel import open_receiver
 
@@ -58,9 +59,13 @@ def serve(rdv: Rendezvous, device_type: str | None = None, store=None) -> None:
     tp, control = init_groups(rdv, device_type, store)
     try:
         spec: ShardSpec = receive(control)
-        runner, _ = build_shard(spec, tp=tp, control=control, device=device_for(spec.device_type, rdv.local_rank))
+        device = device_for(spec.device_type, rdv.local_rank)
+        tp = with_peer_all_reduce(tp, control, device, spec)  # where rank 0 sets up its own
+        runner, _ = build_shard(spec, tp=tp, control=control, device=device)
         _serve_steps(runner, open_receiver(control))  # shared memory from the rank 0 that spawned us, else gloo
         runner.release()
+        if tp.peer is not None:
+            tp.peer.release(control)  # together with rank 0's shutdown
     finally:
         destroy_groups()
 
