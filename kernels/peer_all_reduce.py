@@ -132,14 +132,15 @@ def _peer_all_reduce_kernel(
 
 def peer_all_reduce(
     x: torch.Tensor, out: torch.Tensor, regions: torch.Tensor, counters: torch.Tensor, status: torch.Tensor,
-    rank: int, world: int, half_bytes: int, max_spins: int = 0,
+    rank: int, world: int, half_bytes: int, max_spins: int = 0, poll_every: int = POLL_EVERY,
 ) -> torch.Tensor:
     """out = the sum of x over the ranks (x contiguous, x.numel() * itemsize <= half_bytes; every rank
     calls with the same shape and dtype, in the same order). regions: int64[world] device tensor of the
     ranks' region addresses; counters: int64[programs] device tensor (its length is the grid);
-    status: int32[STATUS_WORDS] page-locked host tensor. Returns out."""
+    status: int32[STATUS_WORDS] page-locked host tensor. poll_every: spins between reads of the abort
+    word (smaller only where spins are slow, e.g. the CPU interpreter in tests). Returns out."""
     _peer_all_reduce_kernel[(counters.numel(),)](
         x, out, x.numel(), regions, counters, status, half_bytes, max_spins,
-        RANK=rank, WORLD=world, BLOCK=BLOCK, POLL_EVERY=POLL_EVERY, num_warps=NUM_WARPS,
+        RANK=rank, WORLD=world, BLOCK=BLOCK, POLL_EVERY=poll_every, num_warps=NUM_WARPS,
     )
     return out
