@@ -105,8 +105,8 @@ def test_size_limit(monkeypatch):
     assert peer_memory.size_limit(2, llama8b) == 32 << 20  # the cap: NCCL wins above it (measured)
     assert peer_memory.size_limit(2, 256 * 4096 * 2) == 2 << 20  # no larger than the engine's largest
     assert peer_memory.size_limit(2, 0) == 32 << 20  # hidden size unknown: the cap
-    assert peer_memory.size_limit(4, llama8b) == 512 << 10
-    assert peer_memory.size_limit(8, llama8b) == 256 << 10
+    assert peer_memory.size_limit(4, llama8b) == 0  # 3+ ranks: NCCL until measured on GPUs
+    assert peer_memory.size_limit(8, llama8b) == 0
     monkeypatch.setenv(peer_memory.MAX_BYTES_ENV, str(8 << 20))
     assert peer_memory.size_limit(2, llama8b) == 8 << 20
     monkeypatch.setenv(peer_memory.MAX_BYTES_ENV, "lots")

@@ -19,9 +19,11 @@ a decode step of 256 sequences at hidden 4096) to 32 MiB (137 vs 145 us) and los
 max_num_seqs) x hidden x dtype bytes) capped at 32 MiB; its cost, twice that per rank (two alternating
 buffers), comes out of the KV cache (64 MiB of ~60 GiB on an H100).
 With more ranks each reads N-1 whole messages where the ring moves 2(N-1)/N of one, so only messages
-small enough for latency to dominate go this way (512 KiB up to 4 ranks, 256 KiB beyond, the
-crossovers NCCL's own and vLLM's measurements put there). PAGED_BACKEND_CUSTOM_ALL_REDUCE_MAX_BYTES
-overrides the cap (a measurement knob: the limit where NCCL takes over).
+small enough for latency to dominate would pay (512 KiB up to 4 ranks, 256 KiB beyond, the crossovers
+NCCL's own and vLLM's measurements put there); the kernel handles any rank count (the CPU tests run it
+for three), but it has run on GPUs only in pairs, so by default 3+ ranks leave everything to NCCL until
+a 4-GPU run measures it. PAGED_BACKEND_CUSTOM_ALL_REDUCE_MAX_BYTES overrides the cap, also for 3+ ranks
+(a measurement knob: the limit where NCCL takes over).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def size_limit(world: int, largest_message: int) -> int:
         except ValueError:
             raise ValueError(f"{MAX_BYTES_ENV}={env!r} must be a number of bytes") from None
     else:
-        cap = 32 << 20 if world == 2 else 512 << 10 if world <= 4 else 256 << 10
+        cap = 32 << 20 if world == 2 else 0  # 3+ ranks: not measured on GPUs yet (see the module docstring)
     return max(0, min(cap, largest_message) if largest_message > 0 else cap)
 
 
