@@ -48,7 +48,7 @@ class APIError(Exception):
 # silent 200 that ignored it. The one list; remove a name here when it gets implemented.
 UNSUPPORTED_FIELDS = frozenset({
     "guided_decoding_backend", "guided_whitespace_pattern",
-    "functions", "function_call", "bad_words", "allowed_token_ids", "logit_bias", "logits_processors",
+    "functions", "function_call", "bad_words", "logits_processors",
     "priority", "prompt_logprobs", "truncate_prompt_tokens", "use_beam_search", "length_penalty",
     "chat_template_kwargs", "documents", "suffix",
     # A Jinja template from the client would run on the server (vLLM refuses it too unless told to).
@@ -112,6 +112,7 @@ class _SamplingFields(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)  # as SamplingParams: a non-negative int64
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Any]] = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -122,6 +123,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: Optional[int] = None
     stop_token_ids: Optional[list[int]] = None
+    allowed_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # output constraints (adapters/openai_tools.py): OpenAI's response_format and vLLM's fields
@@ -141,6 +143,7 @@ class _SamplingFields(BaseModel):
             "min_tokens": self.min_tokens, "stop_token_ids": self.stop_token_ids, "logprobs": logprobs,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "logit_bias": self.logit_bias or None, "allowed_token_ids": self.allowed_token_ids,
         }
         kept = {k: v for k, v in given.items() if v is not None or k == "max_tokens"}
         try:

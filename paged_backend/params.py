@@ -37,6 +37,12 @@ class SamplingParams(BaseModel):
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="top-k logprobs per generated token")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = Field(
+        None, description="token id -> bias in [-100, 100] added to its logit before sampling (OpenAI's logit_bias)"
+    )
+    allowed_token_ids: Optional[list[int]] = Field(
+        None, description="sample only from these token ids (vLLM's allowed_token_ids)"
+    )
     structured_outputs: Optional[StructuredOutputs] = Field(
         None,
         description="constrain the output (grammar-guided decoding with xgrammar): one of json (a JSON schema "
@@ -67,6 +73,42 @@ class SamplingParams(BaseModel):
         if not isinstance(v, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in v):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {v!r}")
         return list(v)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(v).__name__}")
+        out = {}
+        for k, b in v.items():
+            try:  # OpenAI clients send the ids as JSON object keys, i.e. strings
+                tid = int(k)
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias key {k!r} is not a token id") from None
+            if tid < 0 or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias[{k!r}] = {b!r}: token ids must be >= 0 and biases numbers in [-100, 100]")
+            out[tid] = float(b)
+        return out
+
+    @field_validator("allowed_token_ids", mode="before")
+    @classmethod
+    def _check_allowed(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v
+        ):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of non-negative ints, got {v!r}")
+        return list(v)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ValueError if a token id this request names is not in the model's vocabulary."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} names token id {bad[0]}, outside the model's vocabulary (0..{vocab_size - 1})")
 
     @model_validator(mode="after")
     def _check_ranges(self):

@@ -197,6 +197,25 @@ def test_vllm_prompt_dicts(llm):
     assert llm.stats().num_blocks_used == 0
 
 
+def test_logit_bias_and_allowed_token_ids(llm):
+    """OpenAI's logit_bias and vLLM's allowed_token_ids steer greedy decoding per request; ids past
+    the vocabulary are refused when the request is added."""
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = _ids(9, 6)
+    base = llm.generate([ids], SamplingParams(**greedy), use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate([ids] * 3, [SamplingParams(**greedy), SamplingParams(**greedy, logit_bias={"77": 100}),
+                                    SamplingParams(**greedy, allowed_token_ids=[5, 6])], use_tqdm=False)
+    plain, forced, allowed = (o.outputs[0].token_ids for o in outs)
+    assert plain == base and forced == [77] * 4 and set(allowed) <= {5, 6}
+    banned = llm.generate([ids], SamplingParams(**greedy, logit_bias={base[0]: -100}), use_tqdm=False)
+    assert banned[0].outputs[0].token_ids[0] != base[0]
+    vocab = llm.engine.vocab_size
+    for bad in ({"logit_bias": {vocab: 1.0}}, {"allowed_token_ids": [1, vocab + 5]}):
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            llm.generate([ids], SamplingParams(**bad), use_tqdm=False)
+    assert llm.stats().num_blocks_used == 0
+
+
 def test_prompt_text_is_reported_for_token_ids(llm):
     req = llm.engine.add_request(_ids(4, 3), SamplingParams(max_tokens=2), prompt_text="the rendered text")
     outs = []

@@ -154,6 +154,18 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert step([], ign) == 1
 
 
+def test_allowed_token_ids_and_logit_bias_touch_only_their_rows():
+    logits = torch.tensor([[0.0, 9.0, 8.0, 7.0, 1.0]] * 4)
+    rows = [SamplingRow(SamplingParams(temperature=0.0, **kw), [0], [], None, set()) for kw in (
+        {}, {"allowed_token_ids": [0, 3]}, {"logit_bias": {"4": 100, 1: -100}}, {"logit_bias": {2: 1.5}})]
+    assert Sampler()(logits, rows).token_ids == [1, 3, 4, 2]
+    assert logits[0].tolist() == [0.0, 9.0, 8.0, 7.0, 1.0]  # the caller's logits are left as they were
+    # random rows never leave the allowed ids, however much mass the others hold
+    rand = SamplingParams(allowed_token_ids=[0, 4], temperature=1.0)
+    out = Sampler()(logits[:1].repeat(2000, 1), [SamplingRow(rand, [0], [], None, set()) for _ in range(2000)])
+    assert set(out.token_ids) == {0, 4}
+
+
 def test_logprobs_are_raw_and_topk_contains_sampled():
     logits = torch.tensor([BASE, BASE, BASE])
     rows = [row(SamplingParams(temperature=0.7, repetition_penalty=1.5, logprobs=3)),

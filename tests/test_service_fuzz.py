@@ -37,7 +37,8 @@ COMMON = {
     "min_tokens": ([0, 1], [-1]),
     "ignore_eos": ([True, False], [3, "maybe"]),
     "guided_regex": ([None, "a+"], ["(unclosed", ""]),
-    "logit_bias": ([None, {}], [{"5": 1.0}]),
+    "logit_bias": ([None, {}, {"5": 1.0}, {"7": -100}], [{"5": 101}, {"x": 1.0}, {"5": "up"}, {"100000000": 1.0}]),
+    "allowed_token_ids": ([None, [5, 9]], [[], [-1], "x", [100000000]]),
 }
 COMPLETION = {
     **COMMON,
@@ -170,7 +171,10 @@ def test_concurrent_good_requests_answer_as_alone_beside_bad_ones(server):
 
 
 # ---- the Python API ------------------------------------------------------------------------------
-SAMPLING = {k: v for k, v in COMMON.items() if k not in ("guided_regex", "logit_bias")}
+SAMPLING = {k: v for k, v in COMMON.items() if k != "guided_regex"}
+# (ids past the vocabulary are refused by the engine, which knows it, not by SamplingParams)
+SAMPLING["logit_bias"] = (COMMON["logit_bias"][0], COMMON["logit_bias"][1][:3])
+SAMPLING["allowed_token_ids"] = (COMMON["allowed_token_ids"][0], COMMON["allowed_token_ids"][1][:3])
 SAMPLING["max_tokens"] = ([1, 3, None], [0, -3, "many", 1.5])
 SAMPLING["n"] = ([1, 2, 129], [0, -1])  # the server's cap on n is its own; the engine's is max_num_seqs
 SAMPLING["logprobs"] = ([None, 0, 20], [21, -1])

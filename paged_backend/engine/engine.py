@@ -139,6 +139,7 @@ class Engine:
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; the prompt "
                 f"must leave room for at least one generated token: shorten it or raise max_model_len"
             )
+        params.check_token_ids(self.vocab_size)
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"n={params.n} is larger than max_num_seqs={self.scheduler.max_num_seqs}")
         if request_id is None:

@@ -82,14 +82,40 @@ class _RowParams:
         )
 
 
+def _allowed_and_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Rows with allowed_token_ids keep only those ids; logit_bias adds its biases (as vLLM does,
+    before the penalties and temperature). Only the rows that ask are touched: no [N, V] host work."""
+    device = logits.device
+
+    def on_device(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    only = [(i, r.params.allowed_token_ids) for i, r in enumerate(rows) if r.params.allowed_token_ids]
+    if only:
+        local = on_device([k for k, (_, ids) in enumerate(only) for _ in ids])
+        cols = on_device([t for _, ids in only for t in ids])
+        which = on_device([i for i, _ in only])
+        kept = torch.full((len(only), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=device)
+        kept[local, cols] = logits[which[local], cols]
+        logits = logits.index_copy(0, which, kept)
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if biased:
+        index = (on_device([i for i, b in biased for _ in b]), on_device([t for _, b in biased for t in b]))
+        logits = logits.index_put(index, on_device([v for _, b in biased for v in b.values()], logits.dtype),
+                                  accumulate=True)
+    return logits
+
+
 def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """min_tokens masking, repetition penalty, presence and frequency penalties (no temperature)."""
+    """allowed_token_ids and logit_bias, min_tokens masking, repetition penalty, presence and
+    frequency penalties (no temperature)."""
     n, vocab = logits.shape
     device = logits.device
     distinct = {id(r.params): r.params for r in rows}.values()  # rows mostly share a few params
     if not any(p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-               for p in distinct):
+               or p.logit_bias or p.allowed_token_ids for p in distinct):
         return logits
+    logits = _allowed_and_bias(logits, rows)
 
     masked_rows, masked_ids = [], []
     for i, r in enumerate(rows):
