@@ -47,12 +47,12 @@ def use_input_major_weights(model: nn.Module) -> int:
     through a slow small-M path); from 16 rows both give bitwise the same results. Returns how many
     weights changed. Tied weights (an embedding shared with the LM head) change once: row lookups
     read the strided rows just as well."""
-    seen: set[int] = set()
+    changed = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if not isinstance(mod, nn.Linear) or w is None or id(w) in seen:
-            continue
-        seen.add(id(w))
-        if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+        # (a tied weight is no longer contiguous once changed: the second module sharing it skips it)
+        if isinstance(mod, nn.Linear) and w is not None and w.device.type == "cpu" and w.dtype == torch.float32 \
+                and w.dim() == 2 and w.is_contiguous():
             w.data = w.data.t().contiguous().t()
-    return len(seen)
+            changed += 1
+    return changed

@@ -183,9 +183,8 @@ class TPExecutor:
             time.sleep(_POLL_S)
         if self._dead is not None and not self._closing:
             logger.error("tensor parallelism: %s; the engine is dead", self._dead)
-            peer = getattr(getattr(self, "tp", None), "peer", None)
-            if peer is not None:  # first (a host write, it cannot block): kernels waiting for the dead rank give up
-                peer.abort()
+            if self._peer is not None:  # first (a host write, it cannot block): kernels waiting for the dead rank give up
+                self._peer.abort()
             abort_groups()
 
     # ---- steps -----------------------------------------------------------------------------
@@ -253,8 +252,13 @@ class TPExecutor:
 
     release = shutdown  # what the engine calls on its runner at shutdown
 
+    @property
+    def _peer(self):
+        """The peer-memory all-reduce of rank 0's group (None before it is set up, or where NCCL does all)."""
+        return getattr(getattr(self, "tp", None), "peer", None)
+
     def _release_peer_memory(self) -> None:
-        peer = getattr(getattr(self, "tp", None), "peer", None)
+        peer = self._peer
         if peer is None:
             return
         if self._dead is None:
