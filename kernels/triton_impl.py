@@ -222,7 +222,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "chunk_len", "window"])
+# Integers that change from step to step are not specialised on (Triton would otherwise compile a variant
+# for each value that is 1 or a multiple of 16, on first use, in the middle of serving).
+@triton.jit(do_not_specialize=["num_seqs", "chunk_len", "window", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, v_scale, softcap, window, num_seqs, chunk_len,
@@ -323,7 +325,7 @@ def _paged_attn_kernel(
                      res.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,

@@ -76,14 +76,16 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.rotate(q, rope), RotaryEmbedding.rotate(k, rope)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), meta)
+        t, nq, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (nq + 2 nkv) * d]: this rank's q, k and v heads side by side
+        if self.q_norm is None:  # q and k heads are adjacent: one rotation for both (views, no copies)
+            qk = RotaryEmbedding.rotate(qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d), rope)
+            q, k = qk[:, :nq], qk[:, nq:]
+        else:
+            q, k, _ = self.qkv_proj.split(qkv)
+            q = RotaryEmbedding.rotate(self.q_norm(q.reshape(t, nq, d)), rope)
+            k = RotaryEmbedding.rotate(self.k_norm(k.reshape(t, nkv, d)), rope)
+        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), qkv[:, (nq + nkv) * d :], meta)
         return self.o_proj(out)
 
 

@@ -8,6 +8,9 @@ the plain arrays of a `StepInput`.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from torch import nn
 
@@ -19,6 +22,8 @@ from paged_backend.runtime import step_profile
 from paged_backend.runtime.sampler import SampledTokens, Sampler
 from paged_backend.runtime.step_input import StepInput
 from paged_backend.runtime.transfer import int32_arrays_to_device, to_device
+
+logger = logging.getLogger("paged_backend")
 
 
 class ModelRunner:
@@ -41,6 +46,29 @@ class ModelRunner:
         for attn, cache in zip(layers, kv_caches):
             attn.kv_cache = cache
         self.kv_caches = kv_caches
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int) -> None:
+        """Run prompt steps of 2, 4, ..., 128 tokens (up to max_tokens) once, on the bound cache, storing
+        nothing: the attention kernel's launch configuration follows a step's longest query, and Triton
+        compiles each configuration on first use (seconds on a fresh machine), which would otherwise
+        stall every request of the first serving step that needs it. Every rank runs the same steps."""
+        t0 = time.perf_counter()
+        i32 = dict(dtype=torch.int32, device=self.device)
+        lens = [n for n in (2, 4, 8, 16, 32, 64, 128) if n <= max_tokens]
+        for n in lens:
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                block_tables=torch.zeros(1, -(-n // self.block_size), **i32),
+                seq_lens=torch.tensor([n], **i32),
+                query_start_loc=torch.tensor([0, n], **i32),
+                max_query_len=n,
+                max_seq_len=n,
+            )
+            self.model(torch.zeros(n, dtype=torch.int64, device=self.device), torch.arange(n, device=self.device), meta)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("warmed up prompt steps of %s tokens in %.1f s", "/".join(map(str, lens)), time.perf_counter() - t0)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)

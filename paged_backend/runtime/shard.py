@@ -142,6 +142,8 @@ def build_shard(
         num_blocks = int(count.item())
     check_fits(cache, num_blocks, spec.max_model_len, where)
     runner.bind_kv_caches(cache.allocate(num_blocks, device))
+    if device.type == "cuda":
+        runner.warm_up(min(spec.max_num_batched_tokens, spec.max_model_len))
     if device.type == "cuda" and not args.enforce_eager:
         try:
             runner.capture_cuda_graphs(min(args.max_num_seqs, num_blocks), spec.max_model_len)
