@@ -173,6 +173,8 @@ def store_kv(
     else:
         (k_rows, v_rows), keep = _store_rows(slot_mapping, block_size)
     if keep is not None:
+        if keep.numel() == 0:  # no token has a slot
+            return
         key, value = key[keep], value[keep]
     if kv_cache.dtype == FP8_KV_DTYPE:
         # torch has no CPU index_copy_ for float8: the bytes are copied as uint8.

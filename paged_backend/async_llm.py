@@ -64,14 +64,32 @@ class AsyncLLM:
 
     def __init__(self, model: str, **engine_kwargs: Any):
         self.args = EngineArgs(model=model, **engine_kwargs)
-        self.engine = Engine(self.args)
-        self._prepare = PromptPreparer(self.engine)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="paged-backend-engine", daemon=True)
+        # The engine is built on the thread that steps it: on the CPU a forward pass there ran ~15-30 %
+        # faster than one on a thread other than the one that loaded the model and first ran torch's
+        # (OpenMP/MKL) kernels (BENCHMARKS.md, issue 21). The constructor waits and raises its errors.
+        failed: list[BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._build_and_run, args=(failed, ready), name="paged-backend-engine",
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        self._prepare = PromptPreparer(self.engine)
+
+    def _build_and_run(self, failed: list, ready: threading.Event) -> None:
+        try:
+            self.engine = Engine(self.args)
+        except BaseException as e:  # handed to the constructor, which raises it on the caller's thread
+            failed.append(e)
+            return
+        finally:
+            ready.set()
+        self._run()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

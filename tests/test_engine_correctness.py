@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from conftest import hf_greedy, reference_model
 from paged_backend import LLM, SamplingParams
@@ -145,3 +146,18 @@ def test_gemma3_270m_greedy_matches_transformers(bundled_llm):
     for t, o, e in zip(texts, outs, expected):
         assert o.outputs[0].token_ids[: len(e)] == e, f"{t!r} differs"
         assert len(o.outputs[0].token_ids) == n_new
+
+
+def test_warm_up_runs_prompt_steps_and_stores_nothing(tiny_model_dir):
+    """ModelRunner.warm_up (run at start-up on CUDA to compile every attention launch configuration)
+    works on any device, writes nothing into the KV cache and leaves generation unchanged."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    with LLM(str(tiny_model_dir("llama")), dtype="float32", device="cpu", max_model_len=128,
+             kv_cache_memory=1 << 22) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        runner = llm.engine.runner
+        before = [c.view(torch.uint8).clone() for c in runner.kv_caches]
+        runner.warm_up(64)
+        assert all(torch.equal(c.view(torch.uint8), b) for c, b in zip(runner.kv_caches, before))
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
