@@ -11,13 +11,19 @@ of each completion) *and* what changed since the previous yield of that request
 text exactly; while stop strings are pending, characters that may start one are held back.
 
 Prompts are tokenised on the caller's side (a worker thread for the async methods, the calling thread
-for the `*_sync` ones), never on the engine's thread or under its lock: a huge prompt delays only its
-own caller. Only the finished token ids are added under the lock.
+for the `*_sync` ones), never on the engine's thread: a huge prompt delays only its own caller.
+
+Only the engine thread touches the engine. Adding, aborting and `stats()` are calls it runs between two
+steps (`_on_engine`), so no other thread ever waits for a lock that a running engine holds; the event
+loop itself never waits on the engine at all. (Before, a step ran under a lock that the event loop took
+to register a stream: on the GPU, where steps follow each other with no gap, the loop could wait for it
+for seconds, and every open stream stalled meanwhile.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -64,8 +70,9 @@ class AsyncLLM:
 
     def __init__(self, model: str, **engine_kwargs: Any):
         self.args = EngineArgs(model=model, **engine_kwargs)
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
+        self._work = threading.Condition()  # wakes the engine thread; never held during a step
+        self._inbox: collections.deque[_Call] = collections.deque()  # run by the engine thread between steps
+        self._registry = threading.Lock()  # guards the check-and-insert of _streams only
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         # The engine is built on the thread that steps it: on the CPU a forward pass there ran ~15-30 %
@@ -98,8 +105,8 @@ class AsyncLLM:
     def _run(self) -> None:
         while True:
             with self._work:
-                if not self.engine.has_unfinished_requests():
-                    while not self._stopping and not self.engine.has_unfinished_requests():
+                if not self._inbox and not self.engine.has_unfinished_requests():
+                    while not self._stopping and not self._inbox and not self.engine.has_unfinished_requests():
                         self._work.wait()
                     # Woken from idle: let requests submitted together (a client's batch) join the
                     # first step, for as long as they keep arriving within 2 ms of each other.
@@ -108,23 +115,40 @@ class AsyncLLM:
                         pass
                 if self._stopping:
                     return
-                try:
-                    outputs: list[Union[RequestOutput, BaseException]] = list(self.engine.step())
-                except StepFailed as e:  # the engine aborted that step's requests and goes on
-                    outputs = list(e.outputs)
-                    for rid in e.request_ids:
-                        err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e.cause!r}")
-                        err.__cause__ = e.cause
-                        outputs.append(_Tagged(rid, err))
-                except Exception as e:  # the engine itself is broken: every request ends with the error
-                    outputs = []
-                    for rid in list(self.engine.requests):
-                        self.engine.abort_request(rid)
-                        err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e!r}")
-                        err.__cause__ = e
-                        outputs.append(_Tagged(rid, err))
+            while self._inbox:
+                self._inbox.popleft().run()
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs: list[Union[RequestOutput, BaseException]] = list(self.engine.step())
+            except StepFailed as e:  # the engine aborted that step's requests and goes on
+                outputs = list(e.outputs)
+                for rid in e.request_ids:
+                    err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e.cause!r}")
+                    err.__cause__ = e.cause
+                    outputs.append(_Tagged(rid, err))
+            except Exception as e:  # the engine itself is broken: every request ends with the error
+                outputs = []
+                for rid in list(self.engine.requests):
+                    self.engine.abort_request(rid)
+                    err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e!r}")
+                    err.__cause__ = e
+                    outputs.append(_Tagged(rid, err))
             for out in outputs:
                 self._deliver(out.request_id, out.error if isinstance(out, _Tagged) else out)
+
+    def _on_engine(self, fn: Callable[[], Any], wait: bool = True) -> Any:
+        """Run fn on the engine thread between two steps (right away when idle) and, with wait, return its
+        result or raise its error. Called on the engine thread itself, fn just runs."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        call = _Call(fn)
+        with self._work:
+            if self._stopping:
+                raise RuntimeError("the AsyncLLM is shut down")
+            self._inbox.append(call)
+            self._work.notify()
+        return call.wait() if wait else None
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -133,8 +157,8 @@ class AsyncLLM:
         try:
             stream.put(item)
         except RuntimeError:  # the consumer's event loop is gone: nobody reads this request
-            with self._lock:
-                self._streams.pop(request_id, None)
+            self._streams.pop(request_id, None)
+            if threading.current_thread() is self._thread:
                 self.engine.abort_request(request_id)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -248,7 +272,7 @@ class AsyncLLM:
         return params, rids
 
     def _open(self, rids: list[str], q, loop: Optional[asyncio.AbstractEventLoop]) -> None:
-        with self._lock:
+        with self._registry:
             taken = [r for r in rids if r in self._streams]
             if taken:
                 raise ValueError(f"request_id {taken[0]!r} is already in use")
@@ -256,8 +280,9 @@ class AsyncLLM:
                 self._streams[rid] = _Stream(q, tag, loop)
 
     def _submit(self, jobs: list[_Job], params: list[SamplingParams], rids: list[str]) -> None:
-        prompts = [job() for job in jobs]  # tokenising: on the caller's side, off the engine's lock
-        with self._work:
+        prompts = [job() for job in jobs]  # tokenising: on the caller's side, off the engine thread
+
+        def add() -> None:
             if any(rid not in self._streams for rid in rids):  # the caller gave up meanwhile
                 return
             added: list[str] = []
@@ -269,15 +294,17 @@ class AsyncLLM:
                 for rid in added:  # all or nothing
                     self.engine.abort_request(rid)
                 raise
-            self._work.notify()
+
+        self._on_engine(add)
 
     def _close(self, rids: list[str], unfinished: list[str]) -> None:
         for rid in rids:
             self._streams.pop(rid, None)
         if unfinished:
-            with self._lock:
-                for rid in unfinished:
-                    self.engine.abort_request(rid)
+            try:
+                self._on_engine(lambda: [self.engine.abort_request(rid) for rid in unfinished], wait=False)
+            except RuntimeError:  # shut down meanwhile: nothing runs any more
+                pass
 
     async def _stream(self, jobs, params, rids) -> AsyncIterator[tuple[int, RequestOutput]]:
         q: asyncio.Queue = asyncio.Queue()
@@ -313,18 +340,17 @@ class AsyncLLM:
         return item
 
     def _abort_now(self, request_id: str) -> Optional[RequestOutput]:
-        with self._lock:
-            return self.engine.abort_request(request_id)
+        return self._on_engine(lambda: self.engine.abort_request(request_id))
 
     def _abort_all_now(self) -> list[tuple[str, RequestOutput]]:
-        with self._lock:
-            outs = [(rid, self.engine.abort_request(rid)) for rid in list(self._streams)]
+        outs = self._on_engine(lambda: [(rid, self.engine.abort_request(rid)) for rid in list(self._streams)])
         return [(rid, out) for rid, out in outs if out is not None]
 
     # ---- lifecycle --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        with self._lock:
+        if self._stopping:
             return self.engine.stats()
+        return self._on_engine(self.engine.stats)
 
     def shutdown(self) -> None:
         with self._work:
@@ -333,8 +359,9 @@ class AsyncLLM:
             self._stopping = True
             self._work.notify_all()
         self._thread.join(timeout=60)
-        with self._lock:
-            self.engine.shutdown()
+        while self._inbox:  # calls queued as it stopped: their callers are waiting
+            self._inbox.popleft().fail(RuntimeError("the AsyncLLM was shut down before this call ran"))
+        self.engine.shutdown()
         for rid in list(self._streams):  # nobody would ever answer them
             self._deliver(rid, RuntimeError("the AsyncLLM was shut down before this request finished"))
 
@@ -349,6 +376,33 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc) -> None:
         await asyncio.to_thread(self.shutdown)
+
+
+class _Call:
+    """A function that the engine thread runs for another thread, and its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # raised again on the caller's thread
+            self.error = e
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 @dataclass
