@@ -308,3 +308,52 @@ def test_character_bound_never_refuses_a_prompt_that_fits(engine):
     assert out.finished and len(out.prompt_token_ids) == max_len - 1
     with pytest.raises(ValueError, match="characters"):
         asyncio.run(run(piece * max_len + " "))
+
+
+def test_the_event_loop_never_waits_for_a_running_step(model_dir):
+    """Starting a stream, aborting one and reading stats while a (slow) step runs: the event loop keeps
+    ticking. (Before, a step held the lock the loop took to register a stream: every open stream on
+    that loop stalled until the step ended, for seconds on a busy GPU.)"""
+    llm = AsyncLLM(model_dir, dtype="float32", device="cpu")
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(0.4)
+        return step()
+
+    llm.engine.step = slow_step
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def consume(prompt):
+        async for out in llm.generate(prompt, params):
+            last = out
+        return last
+
+    async def main():
+        gaps, stop = [], asyncio.Event()
+
+        async def ticker():
+            t = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - t)
+                t = now
+
+        tick = asyncio.create_task(ticker())
+        first = asyncio.create_task(consume([5, 6, 7]))
+        await asyncio.sleep(0.1)  # the engine is inside its first slow step now
+        second = asyncio.create_task(consume([8, 9, 10, 11]))
+        stats = asyncio.create_task(asyncio.to_thread(llm.stats))
+        outs = await asyncio.gather(first, second)
+        await stats
+        stop.set()
+        await tick
+        return outs, max(gaps)
+
+    try:
+        outs, worst_gap = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert all(len(o.outputs[0].token_ids) == 3 for o in outs)
+    assert worst_gap < 0.2, f"the event loop stalled for {worst_gap:.2f} s while a step ran"
