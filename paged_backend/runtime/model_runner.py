@@ -54,18 +54,9 @@ class ModelRunner:
         compiles each configuration on first use (seconds on a fresh machine), which would otherwise
         stall every request of the first serving step that needs it. Every rank runs the same steps."""
         t0 = time.perf_counter()
-        i32 = dict(dtype=torch.int32, device=self.device)
         lens = [n for n in (2, 4, 8, 16, 32, 64, 128) if n <= max_tokens]
         for n in lens:
-            meta = AttentionMetadata(
-                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
-                block_tables=torch.zeros(1, -(-n // self.block_size), **i32),
-                seq_lens=torch.tensor([n], **i32),
-                query_start_loc=torch.tensor([0, n], **i32),
-                max_query_len=n,
-                max_seq_len=n,
-            )
-            self.model(torch.zeros(n, dtype=torch.int64, device=self.device), torch.arange(n, device=self.device), meta)
+            self._one_prompt(torch.zeros(n, dtype=torch.int64, device=self.device), store=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warmed up prompt steps of %s tokens in %.1f s", "/".join(map(str, lens)), time.perf_counter() - t0)
@@ -151,21 +142,26 @@ class ModelRunner:
     def profile(self, num_tokens: int, spec) -> None:
         """One forward pass over num_tokens prompt tokens (peak activation memory), on a throwaway
         cache just large enough for them."""
-        num_blocks = -(-num_tokens // self.block_size)
-        self.bind_kv_caches(spec.allocate(num_blocks, self.device))
-        slots = torch.arange(num_tokens, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            block_tables=torch.arange(num_blocks, device=self.device, dtype=torch.int32)[None],
-            seq_lens=torch.tensor([num_tokens], device=self.device, dtype=torch.int32),
-            query_start_loc=torch.tensor([0, num_tokens], device=self.device, dtype=torch.int32),
-            max_query_len=num_tokens,
-            max_seq_len=num_tokens,
-        )
-        ids = torch.randint(0, 100, (num_tokens,), device=self.device)
-        hidden = self.model(ids, slots, meta)
+        self.bind_kv_caches(spec.allocate(-(-num_tokens // self.block_size), self.device))
+        hidden = self._one_prompt(torch.randint(0, 100, (num_tokens,), device=self.device), store=True)
         self.model.compute_logits(hidden[-1:])
         self.release()
+
+    def _one_prompt(self, ids: torch.Tensor, store: bool) -> torch.Tensor:
+        """One forward pass over a lone prompt of ids (positions 0..n-1) from cache blocks 0, 1, ...:
+        stored there (store) or read only (slots -1)."""
+        n = ids.shape[0]
+        i32 = dict(dtype=torch.int32, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=positions if store else torch.full((n,), -1, dtype=torch.int64, device=self.device),
+            block_tables=torch.arange(-(-n // self.block_size), **i32)[None],
+            seq_lens=torch.tensor([n], **i32),
+            query_start_loc=torch.tensor([0, n], **i32),
+            max_query_len=n,
+            max_seq_len=n,
+        )
+        return self.model(ids, positions, meta)
 
     def release(self) -> None:
         """Drop the KV cache, graphs and sampler state (shutdown or after profiling)."""
