@@ -16,7 +16,7 @@ from paged_backend.args import EngineArgs
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.detokenizer import Detokenizer
 from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
-from paged_backend.engine.sequence import PendingToken, Request, Sequence
+from paged_backend.engine.sequence import PendingToken, Request, Sequence, SequenceStatus
 from paged_backend.runtime.setup import EngineSetup, build_engine_parts
 from paged_backend.engine.stats import EngineStats
 from paged_backend.engine.step_builder import build_step_input, with_sampling
@@ -148,7 +148,9 @@ class Engine:
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         grammar = self.structured.submit(params.structured_outputs)  # ValueError if it does not convert
-        req = Request(request_id, text, ids, params, grammar=grammar)
+        limit = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(ids) + params.max_tokens)
+        req = Request(request_id, text, ids, params, grammar=grammar, token_limit=limit,
+                      reads_history=_reads_history(params))
         seq = Sequence(req, 0, list(ids), seed=_sibling_seed(params, 0), pending_forks=params.n - 1)
         self.detokenizer.start(seq)
         req.seqs.append(seq)
@@ -194,7 +196,7 @@ class Engine:
         self._failures = []
         if self._in_flight is not None and not self._in_flight.overlappable:
             done, self._in_flight = self._in_flight, None
-            outputs += self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished)
+            outputs += self._guarded(done.request_ids, [], self._finish, done, emit_unfinished)
         sched = self.scheduler.schedule()
         self.num_preemptions += sched.num_preempted
         in_flight = [self._in_flight] if self._in_flight is not None else []
@@ -202,18 +204,18 @@ class Engine:
         def finish_in_flight() -> None:  # once: inside the launch while its grammar masks fill, else after it
             while in_flight:
                 done = in_flight.pop()
-                outputs.extend(self._guarded(done.request_ids(), [], self._finish, done, emit_unfinished))
+                outputs.extend(self._guarded(done.request_ids, [], self._finish, done, emit_unfinished))
 
         launched = None
         if sched.scheduled:
-            ids = list(dict.fromkeys(s.seq.request.request_id for s in sched.scheduled))
+            ids = lambda: list(dict.fromkeys(s.seq.request.request_id for s in sched.scheduled))  # noqa: E731
             launched = self._guarded(ids, None, self._launch, sched, finish_in_flight if in_flight else None)
         if self._in_flight is not None:
             finish_in_flight()
         elif launched is None and not sched.scheduled and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
         if launched is not None and not self.overlap_steps:
-            outputs += self._guarded(launched.request_ids(), [], self._finish, launched, emit_unfinished)
+            outputs += self._guarded(launched.request_ids, [], self._finish, launched, emit_unfinished)
             launched = None
         self._in_flight = launched
         if self._failures:
@@ -221,8 +223,9 @@ class Engine:
             raise StepFailed(list(dict.fromkeys(failed)), self._failures[0][1], outputs)
         return outputs
 
-    def _guarded(self, request_ids: list[str], default: _T, fn: Callable[..., _T], *args) -> _T:
-        """fn(*args); if it raises, abort request_ids (freeing their blocks) and note the failure."""
+    def _guarded(self, request_ids: Callable[[], list[str]], default: _T, fn: Callable[..., _T], *args) -> _T:
+        """fn(*args); if it raises, abort the requests request_ids() names (freeing their blocks) and note
+        the failure. (A callable: the ids are listed only when something failed, not in every step.)"""
         try:
             return fn(*args)
         except EngineDeadError:  # not this step's fault: nothing can run any more, every request ends
@@ -230,10 +233,11 @@ class Engine:
                 self.abort_request(rid)
             raise
         except Exception as e:
-            logger.exception("engine step failed for request(s) %s", request_ids)
-            for rid in request_ids:
+            ids = request_ids()
+            logger.exception("engine step failed for request(s) %s", ids)
+            for rid in ids:
                 self.abort_request(rid)
-            self._failures.append((request_ids, e))
+            self._failures.append((ids, e))
             return default
 
     def _admit_compiled(self) -> list[RequestOutput]:
@@ -261,18 +265,21 @@ class Engine:
         sample_from: list[int] = []
         num_logit_rows = 0
         now = time.time()
+        cache = self.block_manager.cache_full_blocks
         for s in sched.scheduled:
             seq = s.seq
             req = seq.request
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = seq.num_computed_tokens
-            completes = s.completes_prompt
-            seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+            computed = seq.num_computed_tokens + s.num_new_tokens
+            completes = computed == seq.num_total_tokens  # (ScheduledSeq.completes_prompt, read before the update)
+            seq.num_computed_tokens = computed
+            cache(seq)
             if not completes:
                 continue
-            for member in self._fork(seq):  # forked siblings sample from the same logits row
+            # forked siblings sample from the same logits row
+            for member in (self._fork(seq) if seq.pending_forks else (seq,)):
                 rows.append(self._sampling_row(member))
                 row_seqs.append(member)
                 sample_from.append(num_logit_rows)
@@ -281,10 +288,11 @@ class Engine:
         # The grammar masks are filled after the forward pass is launched (see _pending_token).
         masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out, meanwhile)) if self.structured.any(row_seqs) else None
         sampled = self.runner.execute(with_sampling(step, rows, sample_from, released), grammar_mask=masks)
+        step_no = self.num_steps
         for k, seq in enumerate(row_seqs):
             # every token it knows of is computed now; the one just sampled is the next
-            seq.pending = PendingToken(self.num_steps, k, self._at_length_limit(seq, seq.num_computed_tokens + 1))
-        overlappable = not any(_reads_history(r.params) for r in rows)
+            seq.pending = PendingToken(step_no, k, seq.num_computed_tokens + 1 >= seq.request.token_limit)
+        overlappable = not any(seq.request.reads_history for seq in row_seqs)
         return _LaunchedStep(self.num_steps, row_seqs, sampled, overlappable)
 
     def _pending_token(self, seq: Sequence) -> Optional[int]:
@@ -302,14 +310,17 @@ class Engine:
         out = launched.sampled.resolve()
         now = time.time()
         touched: dict[str, Request] = {}
-        for k, seq in enumerate(launched.row_seqs):
-            if seq.pending is not None and seq.pending.step == launched.step:
+        step, append, cache = launched.step, self._append_token, self.block_manager.cache_full_blocks
+        for seq, token, logprob, top in zip(launched.row_seqs, out.token_ids, out.logprobs, out.top_logprobs):
+            pending = seq.pending
+            if pending is not None and pending.step == step:
                 seq.pending = None  # (a later step may already have sampled its next token)
-            if seq.finished:  # stopped by an earlier token, or aborted: this one is dropped
+            if seq.status is SequenceStatus.FINISHED:  # stopped by an earlier token, or aborted: dropped
                 continue
-            self._append_token(seq, out.token_ids[k], out.logprobs[k], out.top_logprobs[k], now)
-            self.block_manager.cache_full_blocks(seq)
-            touched[seq.request.request_id] = seq.request
+            append(seq, token, logprob, top, now)
+            cache(seq)
+            req = seq.request
+            touched[req.request_id] = req
         outputs = []
         for req in touched.values():
             if req.finished:
@@ -336,7 +347,7 @@ class Engine:
         return members
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        history = _reads_history(seq.params)
+        history = seq.request.reads_history
         if seq.sampling_row is not None and not history:
             return seq.sampling_row  # nothing in it changes from step to step
         row = SamplingRow(
@@ -351,34 +362,30 @@ class Engine:
             seq.sampling_row = row
         return row
 
-    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether seq, once it holds num_tokens tokens, ends by length (max_tokens or max_model_len)."""
-        max_tokens = seq.params.max_tokens
-        return num_tokens >= self.max_model_len or (
-            max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
-        )
-
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: Optional[dict], now: float) -> None:
-        params = seq.params
-        seq.token_ids.append(token)
+        # (runs for every sequence in every step: attributes are read once into locals)
+        req = seq.request
+        params = req.params
+        token_ids = seq.token_ids
+        token_ids.append(token)
         seq.cumulative_logprob += logprob
-        if params.logprobs is not None and top is not None:
+        if top is not None and params.logprobs is not None:
             seq.logprobs.append(top)
         self.total_generated_tokens += 1
-        m = seq.request.metrics
+        m = req.metrics
+        last = m.last_token_time
         if m.first_token_time is None:
             m.first_token_time = now
-        elif m.last_token_time is not None and seq.index == 0:
-            m.inter_token_latencies.append(now - m.last_token_time)
+        elif last is not None and seq.index == 0:
+            m.inter_token_latencies.append(now - last)
         m.last_token_time = now
 
-        if seq.request.grammar is not None:
+        if req.grammar is not None:
             end = self.structured.follow(seq)  # "stop": the grammar ended (with its EOS), whatever
             if end is not None:                 # ignore_eos / min_tokens say; "abort": broken
                 return self._finish_seq(seq, end, None)
-        num_out = seq.num_output_tokens
         stop_token = None
-        if num_out >= params.min_tokens:
+        if len(token_ids) - len(req.prompt_token_ids) >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 stop_token = ("eos", None)
             elif params.stop_token_ids and token in params.stop_token_ids:
@@ -389,7 +396,7 @@ class Engine:
                 return self._finish_seq(seq, "stop", stop_str)
         if stop_token is not None:
             return self._finish_seq(seq, "stop", stop_token[1])
-        if self._at_length_limit(seq, seq.num_tokens):
+        if len(token_ids) >= req.token_limit:  # max_tokens or max_model_len
             return self._finish_seq(seq, "length", None)
 
     def _finish_seq(self, seq: Sequence, reason: str, stop_reason) -> None:

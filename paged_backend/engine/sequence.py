@@ -52,10 +52,18 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
     grammar: Any = None  # future of the compiled grammar (structured outputs), None if unconstrained
+    # Fixed at admission, read for every sequence in every step: a sequence of this request ends by length
+    # once it holds token_limit tokens (max_tokens or max_model_len); reads_history: its sampling reads
+    # the generated tokens (penalties, min_tokens), so it is rebuilt each step and steps do not overlap.
+    token_limit: int = 1 << 62  # the engine sets it
+    reads_history: bool = False
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.n
+        seqs = self.seqs
+        if len(seqs) == 1:  # (n == 1, the common case, without a generator)
+            return seqs[0].status is SequenceStatus.FINISHED and self.params.n == 1
+        return all(s.finished for s in seqs) and len(seqs) == self.params.n
 
 
 @dataclass(eq=False)
