@@ -34,6 +34,18 @@ def test_bench_throughput_with_peers_json_and_plot(tmp_path, capsys):
     assert "decode step at batch 4" in printed and "prefill 4 x 24 tokens" in printed
 
 
+def test_bench_step_probe_fits_its_batch_to_the_kv_cache(tmp_path, capsys):
+    # 40 blocks of 16 tokens; a probe sequence holds 24 + 128 tokens (10 blocks): 8 would preempt each other
+    out = tmp_path / "r.json"
+    kv_bytes = 40 * 16 * 2 * 2 * 2 * 16 * 4  # blocks x tokens x layers x KV heads x (K, V) x head_dim x fp32
+    assert main(["bench", "throughput", "--model", "tiny", "--num-prompts", "3", "--output-len", "4", "--input-len",
+                 "8", "--device", "cpu", "--peers", "", "--max-model-len", "256", "--kv-cache-memory", str(kv_bytes),
+                 "--probe-batch", "8", "--probe-prompt-len", "24", "--json", str(out)]) == 0
+    probe = json.loads(out.read_text())["step_probe"]
+    assert probe["batch"] == 3 and probe["decode_wall_s"] > 0
+    assert "do not fit the KV cache (40 blocks): probing at batch 3" in capsys.readouterr().out
+
+
 def test_bench_latency_and_bad_arguments(tmp_path, capsys):
     out = tmp_path / "l.json"
     assert main(["bench", "latency", "--model", "tiny", "--batch-size", "3", "--input-len", "12", "--output-len",
