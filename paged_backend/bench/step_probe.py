@@ -45,10 +45,11 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
     # Every probe sequence holds its prompt and up to 2 * steps + 64 tokens at once: a batch whose K/V
     # do not fit (a large shape's KV per token) would preempt and never decode all together.
     per_seq = -(-(prompt_len + 2 * steps + 64) // engine.block_manager.block_size)
-    fit = int(0.95 * llm.stats().num_blocks_total) // per_seq
+    num_blocks = llm.stats().num_blocks_total
+    fit = int(0.95 * num_blocks) // per_seq
     if fit < batch:
         print(f"[bench] step probe: {batch} sequences of {prompt_len} + {2 * steps + 64} tokens do not fit the KV "
-              f"cache ({llm.stats().num_blocks_total} blocks): probing at batch {max(fit, 1)}", flush=True)
+              f"cache ({num_blocks} blocks): probing at batch {max(fit, 1)}", flush=True)
         batch = max(fit, 1)
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]

@@ -16,7 +16,7 @@ from paged_backend.args import EngineArgs
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.detokenizer import Detokenizer
 from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
-from paged_backend.engine.sequence import PendingToken, Request, Sequence, SequenceStatus
+from paged_backend.engine.sequence import PendingToken, Request, Sequence
 from paged_backend.runtime.setup import EngineSetup, build_engine_parts
 from paged_backend.engine.stats import EngineStats
 from paged_backend.engine.step_builder import build_step_input, with_sampling
@@ -272,14 +272,12 @@ class Engine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = seq.num_computed_tokens
-            computed = seq.num_computed_tokens + s.num_new_tokens
-            completes = computed == seq.num_total_tokens  # (ScheduledSeq.completes_prompt, read before the update)
-            seq.num_computed_tokens = computed
+            completes = s.completes_prompt
+            seq.num_computed_tokens += s.num_new_tokens
             cache(seq)
             if not completes:
                 continue
-            # forked siblings sample from the same logits row
-            for member in (self._fork(seq) if seq.pending_forks else (seq,)):
+            for member in self._fork(seq):  # forked siblings sample from the same logits row
                 rows.append(self._sampling_row(member))
                 row_seqs.append(member)
                 sample_from.append(num_logit_rows)
@@ -315,7 +313,7 @@ class Engine:
             pending = seq.pending
             if pending is not None and pending.step == step:
                 seq.pending = None  # (a later step may already have sampled its next token)
-            if seq.status is SequenceStatus.FINISHED:  # stopped by an earlier token, or aborted: dropped
+            if seq.finished:  # stopped by an earlier token, or aborted: this one is dropped
                 continue
             append(seq, token, logprob, top, now)
             cache(seq)
@@ -385,7 +383,7 @@ class Engine:
             if end is not None:                 # ignore_eos / min_tokens say; "abort": broken
                 return self._finish_seq(seq, end, None)
         stop_token = None
-        if len(token_ids) - len(req.prompt_token_ids) >= params.min_tokens:
+        if seq.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 stop_token = ("eos", None)
             elif params.stop_token_ids and token in params.stop_token_ids:

@@ -62,7 +62,7 @@ class Request:
     def finished(self) -> bool:
         seqs = self.seqs
         if len(seqs) == 1:  # (n == 1, the common case, without a generator)
-            return seqs[0].status is SequenceStatus.FINISHED and self.params.n == 1
+            return seqs[0].finished and self.params.n == 1
         return all(s.finished for s in seqs) and len(seqs) == self.params.n
 
 
