@@ -127,6 +127,39 @@ def test_stop_strings_and_token_ids(llm):
         assert out.text == text[: text.index(stop)]
 
 
+def test_text_is_the_same_decoded_lazily_per_step_or_streamed(llm):
+    """Without stop strings an offline request's text is decoded only when it ends (one update over
+    all its tokens); with one (never matching) after every token; streamed in deltas each step. All
+    three give the same text, also around stop tokens shown or not and multi-byte characters."""
+    engine = llm.engine
+    rng = random.Random(7)
+    for trial in range(6):
+        prompt = _ids(8, 50 + trial)
+        base = SamplingParams(temperature=1.0, seed=trial, max_tokens=40, ignore_eos=True)
+        free = llm.generate([prompt], base, use_tqdm=False)[0].outputs[0]
+        stop_tok = free.token_ids[rng.randrange(5, 30)]
+        for extra in ({}, dict(stop_token_ids=[stop_tok]),
+                      dict(stop_token_ids=[stop_tok], include_stop_str_in_output=True)):
+            params = base.model_copy(update=extra)
+            lazy = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+            eager = llm.generate([prompt], params.model_copy(update=dict(stop=["\x00never\x00"])),
+                                 use_tqdm=False)[0].outputs[0]
+            rid = f"stream-{trial}-{len(extra)}"
+            engine.add_request(prompt, params, request_id=rid)
+            deltas, final = [], None
+            while final is None:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        deltas.append(out.outputs[0].text_delta)
+                        final = out if out.finished else None
+            assert lazy.token_ids == eager.token_ids == final.outputs[0].token_ids
+            assert lazy.text == eager.text == final.outputs[0].text == "".join(deltas), (trial, extra)
+            # the same tokens ended by length instead: a stop token not shown leaves the text of the others
+            shown = len(lazy.token_ids) - (1 if extra and not extra.get("include_stop_str_in_output") else 0)
+            by_length = llm.generate([prompt], base.model_copy(update=dict(max_tokens=shown)), use_tqdm=False)[0]
+            assert lazy.text == by_length.outputs[0].text, (trial, extra)
+
+
 def test_stats_report_kv_waste_and_prefix_hits(llm):
     p = _ids(50, 4)
     llm.generate([p], SamplingParams(max_tokens=2), use_tqdm=False)

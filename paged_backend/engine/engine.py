@@ -167,8 +167,7 @@ class Engine:
             return None
         for seq in req.seqs:
             if not seq.finished:
-                self._release(seq)
-                seq.finish_reason = "abort"
+                self._finish_seq(seq, "abort", None)
         req.seqs[0].pending_forks = 0
         req.metrics.finished_time = time.time()
         return self._make_output(req, finished=True)
@@ -381,24 +380,28 @@ class Engine:
         if req.grammar is not None:
             end = self.structured.follow(seq)  # "stop": the grammar ended (with its EOS), whatever
             if end is not None:                 # ignore_eos / min_tokens say; "abort": broken
-                return self._finish_seq(seq, end, None)
+                return self._finish_seq(seq, end, None, drop_last=True)
         stop_token = None
-        if seq.num_output_tokens >= params.min_tokens:
+        if len(token_ids) - len(req.prompt_token_ids) >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 stop_token = ("eos", None)
             elif params.stop_token_ids and token in params.stop_token_ids:
                 stop_token = ("id", token)
-        if stop_token is None or params.include_stop_str_in_output:
+        # Only stop strings need the text after every token; otherwise it is decoded when wanted.
+        if params.stop and (stop_token is None or params.include_stop_str_in_output):
             stop_str = self.detokenizer.update(seq)
             if stop_str is not None:
                 return self._finish_seq(seq, "stop", stop_str)
         if stop_token is not None:
-            return self._finish_seq(seq, "stop", stop_token[1])
+            return self._finish_seq(seq, "stop", stop_token[1], drop_last=not params.include_stop_str_in_output)
         if len(token_ids) >= req.token_limit:  # max_tokens or max_model_len
             return self._finish_seq(seq, "length", None)
 
-    def _finish_seq(self, seq: Sequence, reason: str, stop_reason) -> None:
+    def _finish_seq(self, seq: Sequence, reason: str, stop_reason, drop_last: bool = False) -> None:
+        """seq ends: its text is completed (without its last token when drop_last: a stop token
+        not shown, or a token its grammar ended on or rejected), its blocks freed."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.detokenizer.finish(seq, drop_last)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -412,6 +415,7 @@ class Engine:
         # the rest of the step at hundreds of requests.
         outputs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
+            self.detokenizer.update(seq)  # (the tokens not decoded yet; nothing once seq ended)
             delta_text, delta_ids = self.detokenizer.take_delta(seq)
             out_ids = seq.output_token_ids
             outputs.append(
@@ -433,7 +437,7 @@ class Engine:
             prompt_token_ids=req.prompt_token_ids,
             outputs=outputs,
             finished=finished,
-            metrics=req.metrics.model_copy(),
+            metrics=req.metrics.to_metrics(),
             num_cached_tokens=req.num_cached_tokens,
         )
 

@@ -17,15 +17,11 @@ from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
-
-    @property
-    def completes_prompt(self) -> bool:
-        """After this step every known token of seq has K/V, so its next token gets sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
+    completes_prompt: bool  # after this step every known token of seq has K/V: its next token is sampled
 
 
 @dataclass
@@ -73,7 +69,8 @@ class Scheduler:
             if seq.pending is not None and seq.pending.is_last:  # its last token is still on the device: nothing more to compute
                 i += 1
                 continue
-            num_new = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
+            left = len(seq.token_ids) + (seq.pending is not None) - seq.num_computed_tokens
+            num_new = min(left, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -81,7 +78,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled.append(ScheduledSeq(seq, num_new, num_new == left))
                 budget -= num_new
                 i += 1
 
@@ -99,7 +96,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
+            scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_total_tokens))
             budget -= num_new
             slots_used += 1 + seq.pending_forks
 

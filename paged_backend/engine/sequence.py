@@ -36,6 +36,29 @@ class PendingToken(NamedTuple):  # a tuple: one is made per sampled sequence per
     is_last: bool  # it ends the sequence by length: nothing more to compute for it
 
 
+@dataclass(slots=True)
+class RequestTimes:
+    """A request's timing as the engine records it: a plain object, written for every token (a
+    pydantic model's attribute writes cost more than the rest of a token's bookkeeping); outputs
+    carry it as `RequestMetrics`."""
+
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+    inter_token_latencies: list[float] = field(default_factory=list)
+
+    def to_metrics(self) -> RequestMetrics:
+        # (the latency list is shared, not copied: it only grows, and copying it for every streamed
+        # output would cost O(tokens) per request per step)
+        return RequestMetrics.model_construct(
+            arrival_time=self.arrival_time, first_scheduled_time=self.first_scheduled_time,
+            first_token_time=self.first_token_time, last_token_time=self.last_token_time,
+            finished_time=self.finished_time, inter_token_latencies=self.inter_token_latencies,
+        )
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -48,7 +71,7 @@ class Request:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     params: SamplingParams
-    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    metrics: RequestTimes = field(default_factory=RequestTimes)
     seqs: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
     grammar: Any = None  # future of the compiled grammar (structured outputs), None if unconstrained
