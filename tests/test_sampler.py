@@ -300,3 +300,22 @@ def test_property_top_p_is_minimal(logits, top_p):
 def test_bad_shapes_are_reported():
     with pytest.raises(ValueError, match="one SamplingRow per row"):
         Sampler()(torch.zeros(2, 5), [row(SamplingParams())])
+
+
+def test_a_batch_kept_step_after_step_reuses_nothing_stale():
+    """The sampler keeps what it derives from a batch while the same row objects come back in the
+    same order; a reordered batch, or one with other rows, must be sampled by its own rows' params."""
+    logits = torch.tensor([BASE, BASE[::-1]])
+    greedy = SamplingRow(SamplingParams(temperature=0.0), PROMPT, [], key=1)
+    hot = SamplingRow(SamplingParams(temperature=1.0, top_k=1), PROMPT, [], key=2)  # top_k=1: its argmax
+    cold = SamplingRow(SamplingParams(temperature=1.0, logprobs=2), PROMPT, [], seed=5, key=3)
+    s = Sampler()
+    expect = [int(np.argmax(BASE)), int(np.argmax(BASE[::-1]))]
+    for _ in range(2):
+        assert s(logits, [greedy, hot]).token_ids == expect
+        assert s(logits, [hot, greedy]).token_ids == expect
+    assert s(logits, [greedy, hot]).top_logprobs == [None, None]
+    out = s(logits, [greedy, cold])  # a new row: its logprobs are asked for
+    assert out.top_logprobs[0] is None and len(out.top_logprobs[1]) >= 2
+    fresh = Sampler()(logits, [greedy, cold])
+    assert out.token_ids == fresh.token_ids  # the seeded row's first draw, as a fresh sampler's

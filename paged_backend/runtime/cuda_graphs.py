@@ -76,16 +76,26 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_batch,
                     time.perf_counter() - t0)
 
-    def run(self, input_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
-        """Device tensors of one decode step (B sequences) -> hidden states [B, hidden]."""
+    def _size(self, b: int) -> int:
+        return next(s for s in self.sizes if s >= b)
+
+    def load(self, input_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
+        """Copy one decode step's device inputs (B sequences; int32 or int64) into the graphs' static
+        buffers. Returns the static input-id buffer's B rows (the caller may still fill in ids)."""
         b = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= b)
+        bs = self._size(b)
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
         self.slot_mapping[:b].copy_(slots)
-        self.slot_mapping[b:bs].fill_(-1)
         self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
         self.seq_lens[:b].copy_(seq_lens)
-        self.seq_lens[b:bs].fill_(1)
+        if bs > b:  # padded rows write nowhere and read one token
+            self.slot_mapping[b:bs].fill_(-1)
+            self.seq_lens[b:bs].fill_(1)
+        return self.input_ids[:b]
+
+    def replay(self, b: int) -> torch.Tensor:
+        """Run the graph for the B sequences `load` put in -> hidden states [B, hidden]."""
+        bs = self._size(b)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

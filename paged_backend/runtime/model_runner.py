@@ -88,13 +88,17 @@ class ModelRunner:
         ids, positions, slots, seq_lens, qsl, tables, logit_rows, pending_dst, pending_src = (
             int32_arrays_to_device(step.int32_arrays(), self.device)
         )
-        ids, positions, slots = ids.long(), positions.long(), slots.long()
+        graphed = self.graphs is not None and step.max_query_len == 1 and step.num_seqs <= self.graphs.max_batch
+        if graphed:  # the graph's int64 buffers take the int32 inputs as they are (one copy each)
+            ids = self.graphs.load(ids, positions, slots, tables, seq_lens)
+        else:
+            ids, positions, slots = ids.long(), positions.long(), slots.long()
         if pending_dst.numel():
-            ids[pending_dst.long()] = self._previous_tokens(step)[pending_src.long()]
+            ids[pending_dst] = self._previous_tokens(step)[pending_src]
         if prof is not None:
             prof.mark("inputs")
-        if self.graphs is not None and step.max_query_len == 1 and step.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(ids, positions, slots, tables, seq_lens)
+        if graphed:
+            hidden = self.graphs.replay(step.num_seqs)
         else:
             meta = AttentionMetadata(
                 slot_mapping=slots,

@@ -106,14 +106,18 @@ def _allowed_and_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     return logits
 
 
+def _any_penalty_or_mask(rows: list[SamplingRow]) -> bool:
+    distinct = {id(r.params): r.params for r in rows}.values()  # rows mostly share a few params
+    return any(p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+               or p.logit_bias or p.allowed_token_ids for p in distinct)
+
+
 def apply_penalties_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """allowed_token_ids and logit_bias, min_tokens masking, repetition penalty, presence and
     frequency penalties (no temperature)."""
     n, vocab = logits.shape
     device = logits.device
-    distinct = {id(r.params): r.params for r in rows}.values()  # rows mostly share a few params
-    if not any(p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-               or p.logit_bias or p.allowed_token_ids for p in distinct):
+    if not _any_penalty_or_mask(rows):
         return logits
     logits = _allowed_and_bias(logits, rows)
 
@@ -192,6 +196,32 @@ def _exponential_noise(
     return q.clamp_min_(torch.finfo(probs.dtype).tiny)
 
 
+@dataclass
+class _BatchFacts:
+    """What the sampler derives from a step's rows alone. Built once while the batch stays the same
+    rows (the same row objects in the same order, step after step: vLLM's persistent batch), so a
+    steady decode batch costs no per-row Python here; rebuilt when it changes."""
+
+    greedy: list[bool]
+    all_greedy: bool
+    want: list[int | None]  # logprobs asked per row
+    max_k: int
+    penalised: bool  # some row has penalties, min_tokens, logit_bias or allowed_token_ids
+    row_params: _RowParams | None  # the filters' per-row tensors (None when every row is greedy)
+
+    @classmethod
+    def of(cls, rows: list[SamplingRow], vocab: int, device: torch.device) -> "_BatchFacts":
+        greedy = [_is_greedy(r.params) for r in rows]
+        want = [r.params.logprobs for r in rows]
+        all_greedy = all(greedy)
+        return cls(
+            greedy=greedy, all_greedy=all_greedy, want=want,
+            max_k=min(max((k for k in want if k is not None), default=0), vocab),
+            penalised=_any_penalty_or_mask(rows),
+            row_params=None if all_greedy else _RowParams.build(rows, vocab, device),
+        )
+
+
 class SampledTokens:
     """One step's samples: the token ids on the device at once (the next step can read them
     there), everything on the host when `resolve()` is called (it waits for the copy)."""
@@ -230,6 +260,16 @@ class Sampler:
     def __init__(self):
         self._generators: dict[int, torch.Generator] = {}
         self._grammar_masks = GrammarMasks()
+        # the last batch's facts, its rows (kept alive: their ids key the cache) and the key
+        self._facts: tuple[tuple[int, ...], list[SamplingRow], _BatchFacts] | None = None
+
+    def _facts_for(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> _BatchFacts:
+        key = tuple(map(id, rows))
+        if self._facts is not None and self._facts[0] == key:
+            return self._facts[2]
+        facts = _BatchFacts.of(rows, vocab, device)
+        self._facts = (key, rows, facts)
+        return facts
 
     def _generators_for(self, rows: list[SamplingRow], device: torch.device) -> list[torch.Generator | None]:
         gens: list[torch.Generator | None] = []
@@ -264,32 +304,31 @@ class Sampler:
             )
         logits = logits.float()
         vocab = logits.shape[1]
-        greedy = [_is_greedy(r.params) for r in rows]
-        want = [r.params.logprobs for r in rows]
-        max_k = min(max((k for k in want if k is not None), default=0), vocab)
+        facts = self._facts_for(rows, vocab, logits.device)
+        max_k = facts.max_k
         # Logprobs are of the raw logits: what they need of them is taken before any in-place mask.
         raw_logprobs = logits.log_softmax(dim=1) if max_k > 0 else None
         raw_lse = logits.logsumexp(dim=1) if max_k == 0 else None
 
-        penalised = apply_penalties_and_masks(logits, rows)
+        penalised = apply_penalties_and_masks(logits, rows) if facts.penalised else logits
         if grammar_mask is not None:
             bitmask = self._grammar_masks.buffer(len(rows), -(-vocab // 32), logits.device)
             masked_rows = grammar_mask(bitmask.numpy())
             if masked_rows:
                 apply_grammar_bitmask(penalised, bitmask, masked_rows)
         token_ids = penalised.argmax(dim=1)
-        if not all(greedy):
-            batch = _RowParams.build(rows, vocab, logits.device)
+        if not facts.all_greedy:
+            batch = facts.row_params
             probs = _filter(penalised, batch).softmax(dim=1)
-            noise = _exponential_noise(probs, rows, greedy, self._generators_for(rows, logits.device))
+            noise = _exponential_noise(probs, rows, facts.greedy, self._generators_for(rows, logits.device))
             sampled = (probs / noise).argmax(dim=1)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
 
         if max_k > 0:
             chosen_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
             top = raw_logprobs.topk(max_k, dim=1)
-            return SampledTokens(token_ids, chosen_lp, (top.values, top.indices), want)
+            return SampledTokens(token_ids, chosen_lp, (top.values, top.indices), facts.want)
         # Only the chosen token's log-probability: logit - logsumexp, without a [N, V] log_softmax.
         # (A masked row's chosen token is one its mask allows: its logit there is still the raw one.)
         chosen_lp = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - raw_lse
-        return SampledTokens(token_ids, chosen_lp, (), want)
+        return SampledTokens(token_ids, chosen_lp, (), facts.want)
