@@ -7,6 +7,7 @@ Public entry points (the contract in DESIGN.md):
                     k_scale=1.0, v_scale=1.0)
     copy_blocks(kv_caches, src, dst)
     quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
+    greedy_sample(logits)                         # argmax per row and its log-probability
 and the element-wise ops the models run around them (triton_fused.py, one kernel each on CUDA):
     rms_norm(x, weight, eps, residual=None, *, gemma=False)
     gated_activation(x, activation)
@@ -36,7 +37,7 @@ import torch
 from . import reference
 
 __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
-           "quantize_fp8_rows", "plan_step", "reference"]
+           "quantize_fp8_rows", "greedy_sample", "plan_step", "reference"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -253,3 +254,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str |
     if x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2] // 2) or sin.shape != cos.shape:
         raise ValueError(f"x {tuple(x.shape)} must be [T, H, D] and cos/sin [T, D/2]; got {tuple(cos.shape)}")
     return _pick(impl, x, "triton_fused").rotary(x, cos, sin)
+
+
+def greedy_sample(logits: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy choice of each row of logits [N, V]: (argmax [N] int64, the first index among ties;
+    its log-probability under softmax(logits), [N] fp32, computed in fp32). On CUDA one pass over
+    the logits instead of separate argmax and logsumexp reductions."""
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    return _pick(impl, logits, "triton_fused").greedy_sample(logits)

@@ -420,3 +420,8 @@ def all_reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     for part in parts:
         acc += part.float()
     return acc.to(parts[0].dtype)
+
+
+def greedy_sample(logits):
+    ids = logits.argmax(dim=1)
+    return ids, logits.gather(1, ids.unsqueeze(1)).squeeze(1).float() - logits.float().logsumexp(dim=1)

@@ -21,8 +21,19 @@ def _own_sum(a, b):
     return a + b
 
 
-# Triton's own combine function where present: the interpreter reduces it with numpy.
+@triton.jit
+def _own_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_min(a, b):
+    return tl.minimum(a, b)
+
+
+# Triton's own combine functions where present: the interpreter reduces them with numpy.
 _sum_combine = getattr(tl.standard, "_sum_combine", _own_sum)
+_max_combine = getattr(tl.standard, "_elementwise_max", _own_max)
 
 
 @triton.jit
@@ -143,3 +154,35 @@ def rotary(x, cos, sin):
             HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
         )
     return out
+
+
+# ---- greedy choice: argmax and its log-probability in one pass over each logits row ------------
+@triton.jit
+def _greedy_kernel(x_ptr, ids_ptr, lp_ptr, stride_x, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    base = x_ptr + row * stride_x
+    m = tl.full((), -3.0e38, tl.float32)  # running max (finite: exp(m - new_m) stays defined)
+    s = tl.full((), 0.0, tl.float32)  # sum of exp(x - m) so far
+    best = tl.full((), 0, tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        bm = tl.reduce(x, 0, _max_combine)
+        bi = tl.reduce(tl.where(x == bm, offs, BLOCK), 0, _own_min)  # the first index of the block's max
+        new_m = tl.maximum(m, bm)
+        s = s * tl.exp(m - new_m) + tl.reduce(tl.exp(x - new_m), 0, _sum_combine)
+        best = tl.where(bm > m, start + bi, best)  # strictly: an earlier block keeps a tie
+        m = new_m
+    tl.store(ids_ptr + row, best.to(tl.int64))
+    tl.store(lp_ptr + row, -tl.log(s))  # x[best] - logsumexp(x) = m - (m + log s)
+
+
+def greedy_sample(logits):
+    n, v = logits.shape
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    ids = torch.empty(n, dtype=torch.int64, device=x.device)
+    lp = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n:
+        _greedy_kernel[(n,)](x, ids, lp, x.stride(0), v, BLOCK=4096, num_warps=8)
+    return ids, lp

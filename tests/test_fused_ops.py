@@ -1,4 +1,4 @@
-"""The element-wise kernels (RMSNorm + residual, gated activations, rotary): Triton through its
+"""The element-wise kernels (RMSNorm + residual, gated activations, rotary, the greedy choice): Triton through its
 interpreter on CPU tensors against the torch twins, which are the models' own (transformers') code;
 the same at real shapes on the GPU (marked `gpu`)."""
 
@@ -95,6 +95,26 @@ def test_rotary_on_a_view_of_the_qkv_output(dtype, d):
         close(out, kernels.rotary(x, cos, sin, impl="reference"), dtype)
 
 
+def check_greedy(n, v, dtype, device, impl):
+    x = randn(n, v, dtype=dtype, device=device, seed=4) * 5
+    x[0, v // 3] = x[0, v - 1] = x[0].max() + 1  # a tie in two blocks: the first index wins, as torch's
+    if n > 1:
+        x[1, :] = x[1, 0]  # a flat row: index 0, log-probability -log(V)
+    ids, lp = kernels.greedy_sample(x, impl=impl)
+    ref_ids, ref_lp = kernels.greedy_sample(x, impl="reference")
+    assert ids.dtype == torch.int64 and lp.dtype == torch.float32
+    assert torch.equal(ids, ref_ids) and torch.equal(ids, x.argmax(dim=1)) and ids[0] == v // 3
+    assert torch.allclose(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    expected = x.float().log_softmax(dim=1).gather(1, ids[:, None]).squeeze(1)
+    assert torch.allclose(lp, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, v", [(1, 50), (3, 4096), (5, 9000)])
+def test_greedy_sample(n, v, dtype):
+    check_greedy(n, v, dtype, "cpu", "triton")
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(3, 8)
     with pytest.raises(ValueError, match="weight"):
@@ -105,6 +125,8 @@ def test_bad_inputs_raise_clear_errors():
         kernels.gated_activation(x, "relu")
     with pytest.raises(ValueError, match="cos/sin"):
         kernels.rotary(x.view(3, 2, 4), torch.randn(3, 4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="logits"):
+        kernels.greedy_sample(torch.zeros(3, 8, dtype=torch.int64))
 
 
 @pytest.mark.gpu
@@ -121,3 +143,5 @@ def test_gpu_real_shapes(dtype, t):
     freqs = torch.rand(t, 32, device="cuda") * 1000
     close(kernels.rotary(x, freqs.cos(), freqs.sin()),
           kernels.rotary(x, freqs.cos(), freqs.sin(), impl="reference"), dtype)
+    for n in (1, 256):
+        check_greedy(n, 128256, dtype, "cuda", None)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from paged_backend import kernels
 from paged_backend.params import SamplingParams
 from paged_backend.runtime import logits_processors as lp
 from paged_backend.runtime.grammar_mask import GrammarMasks, apply_grammar_bitmask
@@ -306,6 +307,10 @@ class Sampler:
         vocab = logits.shape[1]
         facts = self._facts_for(rows, vocab, logits.device)
         max_k = facts.max_k
+        if facts.all_greedy and not facts.penalised and max_k == 0 and grammar_mask is None:
+            # argmax and its logprob in one pass over the logits (on CUDA; the same ops below on CPU)
+            token_ids, chosen_lp = kernels.greedy_sample(logits)
+            return SampledTokens(token_ids, chosen_lp, (), facts.want)
         # Logprobs are of the raw logits: what they need of them is taken before any in-place mask.
         raw_logprobs = logits.log_softmax(dim=1) if max_k > 0 else None
         raw_lse = logits.logsumexp(dim=1) if max_k == 0 else None
