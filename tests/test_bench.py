@@ -54,3 +54,18 @@ def test_bench_latency_and_bad_arguments(tmp_path, capsys):
     assert len(data["runs"]) == 2 and data["median_s"] > 0 and data["median_ttft_s"] > 0
     assert main(["bench", "throughput", "--model", "tiny", "--peers", "vllm", "--device", "cpu"]) == 2
     assert "unknown peer" in capsys.readouterr().err
+
+
+def test_step_probe_names_the_kernels_a_decode_step_spends_its_time_in():
+    from paged_backend.bench.step_probe import _short_name, describe
+
+    assert _short_name("void cutlass::Kernel2<cutlass_80_tensorop_bf16_gemm>(Params)") == "cutlass::Kernel2"
+    assert _short_name("_paged_attention_decode_kernel") == "_paged_attention_decode_kernel"
+    probe = dict(batch=256, decode_context=576, decode_wall_s=3.1e-3, decode_gpu_s=3.0e-3, decode_floor_s=1.7e-3,
+                 prefill_s=0.5, prefill_steps=16, prefill_floor_s=0.33, prompt_len=512,
+                 decode_kernels=[("_paged_attention_decode_kernel", 1.5e-3), ("sm90_gemm", 0.9e-3)])
+    lines = describe(probe)
+    assert lines[-1] == ("decode step GPU time by kernel: _paged_attention_decode_kernel 1.500 ms (50%), "
+                         "sm90_gemm 0.900 ms (30%)")
+    del probe["decode_kernels"]
+    assert len(describe(probe)) == 2

@@ -5,7 +5,8 @@
 - decode at full batch: the same prompts again (their prefixes are cached) with many output
   tokens; once every sequence decodes (a step makes `batch` tokens), the wall time of `steps`
   steps, then the GPU busy time of `steps` more under torch.profiler (CUDA activity only: the
-  union of kernel intervals), against the step's bandwidth floor.
+  union of kernel intervals), against the step's bandwidth floor, and the kernels that take most of
+  it (GPU time per step by kernel name: where a decode step's time goes, without another tool).
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ def _kernel_busy_us(prof) -> float:
             busy += e - end
             end = e
     return busy
+
+
+def _short_name(name: str) -> str:
+    """A kernel's name without `void `, template arguments and parameters."""
+    name = name.removeprefix("void ")
+    return name.split("<", 1)[0].split("(", 1)[0][:60]
+
+
+def _kernel_times(prof, steps: int, top: int = 8) -> list[tuple[str, float]]:
+    """The `top` kernel names by GPU seconds per step (time summed over every launch of the name)."""
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = _short_name(e.name)
+            totals[name] = totals.get(name, 0.0) + (e.time_range.end - e.time_range.start)
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, us / 1e6 / steps) for name, us in ranked]
 
 
 def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1) -> dict:
@@ -89,6 +107,7 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
             _sync()
         busy = _kernel_busy_us(prof)
         out["decode_gpu_s"] = busy / 1e6 / steps if busy else None
+        out["decode_kernels"] = _kernel_times(prof, steps)
     out["decode_context"] = prompt_len + 64  # about where the measured steps sit
     while engine.has_unfinished_requests():
         engine.step(emit_unfinished=False)
@@ -113,4 +132,8 @@ def describe(probe: dict) -> list[str]:
     f = (f"prefill {probe['batch']} x {probe['prompt_len']} tokens: {probe['prefill_s']:.3f} s in "
          f"{probe['prefill_steps']} steps ({per * 1e3:.1f} ms a step), matmul floor {probe['prefill_floor_s']:.3f} s "
          f"(time / floor = {probe['prefill_s'] / probe['prefill_floor_s']:.2f}x)")
-    return [d, f]
+    lines = [d, f]
+    if probe.get("decode_kernels") and gpu:
+        lines.append("decode step GPU time by kernel: " + ", ".join(
+            f"{name} {sec * 1e3:.3f} ms ({sec / gpu:.0%})" for name, sec in probe["decode_kernels"]))
+    return lines
