@@ -235,17 +235,10 @@ def _paged_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, DIRECT: tl.constexpr, FP8_KV: tl.constexpr, SOFT_FP8: tl.constexpr,
-    PAIR: tl.constexpr,
 ):
-    # PAIR > 1 (decode over a cache whose per-head rows are short, fp8 at head_dim 64): one program
-    # serves PAIR adjacent KV heads, so each key's row of PAIR * HEAD_DIM values is one contiguous
-    # load (a 64-byte row per head, 512 bytes apart, read at half the copy rate). Each query row
-    # keeps only its own head's HEAD_DIM columns of q (the rest zero), so the wide dot products are
-    # block-diagonal: its scores come from its head's keys, and of the output it stores its own slice.
     pid = tl.program_id(0)
-    kvh = tl.program_id(1) * PAIR  # (the first of them)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
-    GP: tl.constexpr = G * PAIR
     if DIRECT:  # every sequence has exactly one new token: program i is sequence i, no search
         b = pid
         q_start = pid
@@ -260,20 +253,15 @@ def _paged_attn_kernel(
         seq_len = tl.load(seq_lens_ptr + b)
         first_pos = seq_len - q_len  # position of the sequence's first new token
         offs_m = tl.arange(0, BLOCK_M)
-        tok = qb * BLOCK_Q + offs_m // GP
-        head = kvh * G + offs_m % GP
-        row_ok = (offs_m < BLOCK_Q * GP) & (tok < q_len)
+        tok = qb * BLOCK_Q + offs_m // G
+        head = kvh * G + offs_m % G
+        row_ok = (offs_m < BLOCK_Q * G) & (tok < q_len)
         q_pos = first_pos + tok
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM * PAIR
-        if PAIR > 1:
-            col = offs_d % HEAD_DIM
-            own = row_ok[:, None] & ((offs_d[None, :] // HEAD_DIM) == ((offs_m % GP) // G)[:, None])
-        else:
-            col = offs_d
-            own = row_ok[:, None] & d_mask[None, :]
+        d_mask = offs_d < HEAD_DIM
         row = (q_start + tok).to(tl.int64)
-        q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + col[None, :], mask=own, other=0.0)
+        q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
         qk = qk_scale
         if FP8_KV and q.dtype != tl.float32:
             # An fp8 cache's K/V tiles convert to fp16 in one instruction per pair (to bf16 in three, which
@@ -324,8 +312,8 @@ def _paged_attn_kernel(
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         res = acc * (v_scale / l_safe)[:, None]
-        st_mask = own
-        if SPLIT:  # (never with PAIR > 1)
+        st_mask = row_ok[:, None] & d_mask[None, :]
+        if SPLIT:
             # Partial result of this split, normalised, plus its log2-sum-exp for the reduce kernel.
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
             p_off = row * stride_pt + head * stride_ph + split * stride_ps
@@ -333,7 +321,7 @@ def _paged_attn_kernel(
             # part_lse is part_out without its last (BLOCK_D) dimension: same strides divided by BLOCK_D.
             tl.store(part_lse_ptr + (row * stride_pt + head * stride_ph) // BLOCK_D + split, lse, mask=row_ok)
         else:
-            tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + col[None, :],
+            tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      res.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
@@ -427,9 +415,9 @@ def _choose_splits(batch: int, hkv: int, max_seq_len: int, device: torch.device,
 
 def paged_attention(
     q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
-    *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None, pair=None,
+    *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None,
 ):
-    """See paged_backend.kernels.paged_attention. num_splits / config / pair override the heuristics (tests, bench)."""
+    """See paged_backend.kernels.paged_attention. num_splits / config override the heuristics (tests, bench)."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if not fp8:
         k_scale = v_scale = 1.0
@@ -450,6 +438,7 @@ def paged_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     decode = max_query_len == 1
     block_m, block_n, warps, stages = config or _launch_config(max_query_len, g, d, decode, fp8)
+    block_q = block_m // g
     if num_splits is None:
         num_splits = 1
         if decode:
@@ -459,16 +448,6 @@ def paged_attention(
     elif num_splits > 1 and max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     split = num_splits > 1
-    direct = decode and t == num_seqs  # one token per sequence (a decode step): grid is one program per sequence
-    # KV heads per program (PAIR in the kernel): 2 for a decode step without split-K whose heads' rows
-    # of keys are under 128 bytes each (fp8 at head_dim 64) and lie next to each other.
-    if pair is None:
-        pair = 2 if d * kv_cache.element_size() < 128 else 1
-    if pair > 1 and (not direct or split or hkv % pair or d != triton.next_power_of_2(d) or kv_cache.stride(3) != d):
-        pair = 1
-    if pair > 1 and config is None:
-        block_m, block_n, warps, stages = _launch_config(max_query_len, g * pair, d * pair, decode, fp8)
-    block_q = block_m // (g * pair)
     if split and not decode:
         raise ValueError("split-K runs only on decode-only batches (every query length 1)")
     chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n if split else 0
@@ -483,19 +462,20 @@ def paged_attention(
     else:
         part_out = part_lse = out  # unused
         p_strides = (0, 0, 0)
-    grid = (num_seqs if direct else t // block_q + num_seqs, hkv // pair, num_splits if split else 1)
+    direct = decode and t == num_seqs  # one token per sequence (a decode step): grid is one program per sequence
+    grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits if split else 1)
     _paged_attn_kernel[grid](
         q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
         scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
         q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
-        G=g, HEAD_DIM=d, BLOCK_D=block_d * pair, BLOCK_SIZE=block_size,
+        G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
-        SOFT_FP8=fp8 and _INTERPRETED, PAIR=pair,
+        SOFT_FP8=fp8 and _INTERPRETED,
         num_warps=warps, num_stages=stages,
     )
     if split:

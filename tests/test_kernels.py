@@ -439,25 +439,6 @@ def test_fp8_triton_decode_default_config(dtype):
     assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
 
 
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (12, 4), (8, 8)])
-@pytest.mark.parametrize("window,softcap", [(None, None), (40, 10.0)])
-def test_fp8_triton_decode_two_kv_heads_per_program(hq, hkv, window, softcap):
-    """fp8 at head_dim 64: one program reads two adjacent KV heads' 64-byte rows as one 128-byte row;
-    each query row keeps its own head's columns. Against the reference and the one-head path."""
-    batch = to_fp8_cache(make_batch([1] * 6, [300, 1, 129, 17, 200, 64], hq, hkv, 64, dtype=torch.bfloat16,
-                                    seed=37), 0.04, 0.03)
-    ref = run_fp8(batch, 0.125, "reference", window, softcap)
-    mod = kernels._triton_module(interpret=True)
-    outs = {}
-    for pair in (1, 2):
-        out = torch.full_like(batch["q"], float("nan"))
-        outs[pair] = mod.paged_attention(
-            batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], 0.125,
-            window, softcap, out, max_query_len=1, max_seq_len=300, k_scale=0.04, v_scale=0.03, num_splits=1, pair=pair)
-        assert rel_err(outs[pair], ref) <= 1e-2, pair
-    assert rel_err(outs[2], outs[1]) <= 1e-3
-
-
 @pytest.mark.parametrize("mag", [1e6, 1e-7])
 def test_fp8_triton_q_outside_fp16_range(mag):
     """A bf16 q outside fp16's range (1e6 overflows it, 1e-7 is subnormal): fp16 dots on power-of-two scaled rows."""
