@@ -165,7 +165,7 @@ class PagedHarness:
         with torch.inference_mode():
             hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
             logits = self.model.compute_logits(hidden)
-        assert logits.dtype == torch.float32
+        assert logits.dtype == next(self.model.parameters()).dtype
         return {sid: logits[qsl[i] : qsl[i + 1]] for i, sid in enumerate(chunks)}
 
 

@@ -37,11 +37,11 @@ class CausalLM(nn.Module):
         return name
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32 (under tensor parallelism: on rank 0,
-        gathered from every rank's vocab range; None on the other ranks). Gathered in the model's
-        dtype, then widened: the same values, half the bytes between GPUs of a bf16 model."""
-        logits = self.lm_head.gather(self.lm_head(hidden))
-        return None if logits is None else logits.float()
+        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype (under tensor parallelism: on
+        rank 0, gathered from every rank's vocab range; None on the other ranks). The sampler widens
+        them to fp32 where it needs to; its greedy path reads them as they are (a bf16 model's
+        [256, 128256] logits are 65 MB, and widening them cost more than choosing the tokens)."""
+        return self.lm_head.gather(self.lm_head(hidden))
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layer of each decoder layer, in layer order (the runner binds kv_cache)."""

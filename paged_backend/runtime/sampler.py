@@ -303,14 +303,15 @@ class Sampler:
                 f"Sampler expects logits [N, V] with one SamplingRow per row; got logits of shape "
                 f"{tuple(logits.shape)} and {len(rows)} rows"
             )
-        logits = logits.float()
         vocab = logits.shape[1]
         facts = self._facts_for(rows, vocab, logits.device)
         max_k = facts.max_k
         if facts.all_greedy and not facts.penalised and max_k == 0 and grammar_mask is None:
-            # argmax and its logprob in one pass over the logits (on CUDA; the same ops below on CPU)
+            # argmax and its fp32 logprob in one pass over the logits as they are (on CUDA; on CPU the
+            # same ops as below)
             token_ids, chosen_lp = kernels.greedy_sample(logits)
             return SampledTokens(token_ids, chosen_lp, (), facts.want)
+        logits = logits.float()
         # Logprobs are of the raw logits: what they need of them is taken before any in-place mask.
         raw_logprobs = logits.log_softmax(dim=1) if max_k > 0 else None
         raw_lse = logits.logsumexp(dim=1) if max_k == 0 else None

@@ -120,7 +120,7 @@ class TransformersCausalLM(nn.Module):
         arch = type(self.hf).__name__
         # Two forward passes: equal up to rounding in the model's dtype (e.g. MoE sums in another order).
         tol = max(1e-3, 4 * torch.finfo(expected.dtype).eps)
-        if not torch.allclose(self.compute_logits(hidden), expected.float(), rtol=tol, atol=tol):
+        if not torch.allclose(self.compute_logits(hidden).float(), expected.float(), rtol=tol, atol=tol):
             raise NotImplementedError(f"{arch}'s output head could not be run apart from its base model")
         if not probed:
             raise NotImplementedError(f"{arch} made no attention call (recurrent/state-space layers only?)")
@@ -149,8 +149,8 @@ class TransformersCausalLM(nn.Module):
             self._step.meta = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32, through the CausalLM's own head."""
-        return self._head(inputs_embeds=hidden[None], use_cache=False, logits_to_keep=0).logits[0].float()
+        """hidden [N, hidden] -> logits [N, vocab], through the CausalLM's own head (in its dtype)."""
+        return self._head(inputs_embeds=hidden[None], use_cache=False, logits_to_keep=0).logits[0]
 
     def attention_layers(self) -> list[Attention]:
         return list(self.attn)
