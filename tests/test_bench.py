@@ -69,3 +69,5 @@ def test_step_probe_names_the_kernels_a_decode_step_spends_its_time_in():
                          "sm90_gemm 0.900 ms (30%)")
     del probe["decode_kernels"]
     assert len(describe(probe)) == 2
+    probe["prefill_kernels"] = [("_paged_attn_kernel", 3.125e-3)]  # of 31.25 ms a prefill step
+    assert describe(probe)[-1] == "prefill step GPU time by kernel: _paged_attn_kernel 3.12 ms (10%)"

@@ -6,7 +6,9 @@
   tokens; once every sequence decodes (a step makes `batch` tokens), the wall time of `steps`
   steps, then the GPU busy time of `steps` more under torch.profiler (CUDA activity only: the
   union of kernel intervals), against the step's bandwidth floor, and the kernels that take most of
-  it (GPU time per step by kernel name: where a decode step's time goes, without another tool).
+  it (GPU time per step by kernel name: where a decode step's time goes, without another tool);
+  the same by-kernel table for prefill steps, from a quarter of the batch's prompts prefilled again
+  (new ones, so that nothing is cached) under the profiler.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
     _sync()
     out = dict(batch=batch, prompt_len=prompt_len, prefill_s=time.perf_counter() - t0,
                prefill_steps=llm.stats().num_steps - steps0)
+    if engine.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        more = [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(max(1, batch // 4))]
+        for p in more:
+            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        steps0 = llm.stats().num_steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            while engine.has_unfinished_requests():
+                engine.step(emit_unfinished=False)
+            _sync()
+        out["prefill_kernels"] = _kernel_times(prof, max(llm.stats().num_steps - steps0, 1))
 
     for p in prompts:
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=2 * steps + 64, ignore_eos=True))
@@ -136,4 +150,7 @@ def describe(probe: dict) -> list[str]:
     if probe.get("decode_kernels") and gpu:
         lines.append("decode step GPU time by kernel: " + ", ".join(
             f"{name} {sec * 1e3:.3f} ms ({sec / gpu:.0%})" for name, sec in probe["decode_kernels"]))
+    if probe.get("prefill_kernels"):
+        lines.append("prefill step GPU time by kernel: " + ", ".join(
+            f"{name} {sec * 1e3:.2f} ms ({sec / per:.0%})" for name, sec in probe["prefill_kernels"]))
     return lines
