@@ -152,7 +152,7 @@ class BlockManager:
         block they start in when it is shared). All or nothing."""
         table = seq.block_table
         total = seq.num_computed_tokens + num_new_tokens
-        needed = max(0, -(-total // self.block_size) - len(table))
+        needed = max(0, self.blocks_needed(total) - len(table))
         first = seq.num_computed_tokens // self.block_size
         cow = first < len(table) and self.ref_counts[table[first]] > 1
         if needed + int(cow) > len(self.free):
@@ -194,7 +194,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         # Only blocks whose tokens are all known: the newest one may be still on the device.
-        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_hashed_blocks:
             return
         bs = self.block_size

@@ -382,7 +382,7 @@ class Engine:
             if end is not None:                 # ignore_eos / min_tokens say; "abort": broken
                 return self._finish_seq(seq, end, None, drop_last=True)
         stop_token = None
-        if len(token_ids) - len(req.prompt_token_ids) >= params.min_tokens:
+        if not params.min_tokens or seq.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 stop_token = ("eos", None)
             elif params.stop_token_ids and token in params.stop_token_ids:

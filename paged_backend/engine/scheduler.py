@@ -69,7 +69,7 @@ class Scheduler:
             if seq.pending is not None and seq.pending.is_last:  # its last token is still on the device: nothing more to compute
                 i += 1
                 continue
-            left = len(seq.token_ids) + (seq.pending is not None) - seq.num_computed_tokens
+            left = seq.num_total_tokens - seq.num_computed_tokens
             num_new = min(left, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = self.running[-1]
