@@ -7,11 +7,12 @@ Public entry points (the contract in DESIGN.md):
                     k_scale=1.0, v_scale=1.0)
     copy_blocks(kv_caches, src, dst)
     quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
-    greedy_sample(logits)                         # argmax per row and its log-probability
-and the element-wise ops the models run around them (triton_fused.py, one kernel each on CUDA):
+and the element-wise ops the models run around them, and the sampler's greedy choice (triton_fused.py,
+one kernel each on CUDA):
     rms_norm(x, weight, eps, residual=None, *, gemma=False)
     gated_activation(x, activation)
     rotary(x, cos, sin)
+    greedy_sample(logits)                         # argmax per row and its log-probability
 
 `impl="triton"` / `impl="reference"` forces an implementation. Triton on CPU tensors runs through
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set

@@ -1,7 +1,8 @@
 """Triton kernels for the element-wise work around attention and the MLP: RMSNorm with the residual
-add folded in, the gated activations (act(gate) * up) and the rotary embedding. Each is one kernel
-where the plain-torch twins in reference.py run a chain of small ops; in a decode step, at a few
-hundred tokens, those chains were hundreds of tiny launches per forward pass.
+add folded in, the gated activations (act(gate) * up) and the rotary embedding; and the greedy
+choice over the logits (argmax and its log-probability in one pass). Each is one kernel where the
+plain-torch twins in reference.py run a chain of small ops; in a decode step, at a few hundred
+tokens, those chains were hundreds of tiny launches per forward pass.
 
 Same numerics as the twins: wherever a twin rounds an intermediate to the model dtype (torch ops on
 bf16 tensors round after each op), the kernel rounds it too; the rest is computed in fp32. Like
