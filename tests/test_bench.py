@@ -57,7 +57,18 @@ def test_bench_latency_and_bad_arguments(tmp_path, capsys):
 
 
 def test_step_probe_names_the_kernels_a_decode_step_spends_its_time_in():
-    from paged_backend.bench.step_probe import _short_name, describe
+    from types import SimpleNamespace
+
+    import torch
+
+    from paged_backend.bench.step_probe import OTHER_KERNELS, _kernel_times, _short_name, describe
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda name, us, dev=cuda: SimpleNamespace(  # noqa: E731
+        name=name, device_type=dev, time_range=SimpleNamespace(start=0.0, end=us))
+    prof = SimpleNamespace(events=lambda: [event("void gemm<x>(p)", 30.0), event("_attn", 50.0), event("gemm<y>", 10.0),
+                                           event("_rope", 4.0), event("_norm", 2.0), event("aten::mm", 99.0, cpu)])
+    assert _kernel_times(prof, steps=2, top=2) == [("_attn", 25e-6), ("gemm", 20e-6), (OTHER_KERNELS, 3e-6)]
 
     assert _short_name("void cutlass::Kernel2<cutlass_80_tensorop_bf16_gemm>(Params)") == "cutlass::Kernel2"
     assert _short_name("_paged_attention_decode_kernel") == "_paged_attention_decode_kernel"
