@@ -17,6 +17,7 @@ import random
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from paged_backend.bench.roofline import ModelCost, Rates, decode_step_floor_seconds, prefill_floor_seconds
 
@@ -63,6 +64,11 @@ def _kernel_times(prof, steps: int, top: int = 10) -> list[tuple[str, float]]:
     return [(name, us / 1e6 / steps) for name, us in ranked[:top]] + [(OTHER_KERNELS, rest / 1e6 / steps)]
 
 
+def _drain(engine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step(emit_unfinished=False)
+
+
 def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1) -> dict:
     from paged_backend import SamplingParams
 
@@ -77,30 +83,29 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
               f"cache ({num_blocks} blocks): probing at batch {max(fit, 1)}", flush=True)
         batch = max(fit, 1)
     rng = random.Random(seed)
-    prompts = [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+
+    def new_prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(n)]
+
+    def prefill(ps) -> int:
+        """Prefill ps (one output token each), run until done; returns the engine steps it took."""
+        steps0 = engine.num_steps
+        for p in ps:
+            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        _drain(engine)
+        _sync()
+        return engine.num_steps - steps0
+
+    prompts = new_prompts(batch)
     print(f"[bench] step probe: prefill {batch} x {prompt_len} tokens, then decode at batch {batch}", flush=True)
-    steps0 = llm.stats().num_steps
     _sync()
     t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step(emit_unfinished=False)
-    _sync()
-    out = dict(batch=batch, prompt_len=prompt_len, prefill_s=time.perf_counter() - t0,
-               prefill_steps=llm.stats().num_steps - steps0)
+    prefill_steps = prefill(prompts)
+    out = dict(batch=batch, prompt_len=prompt_len, prefill_s=time.perf_counter() - t0, prefill_steps=prefill_steps)
     if engine.device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        more = [[rng.randrange(3, engine.vocab_size) for _ in range(prompt_len)] for _ in range(max(1, batch // 4))]
-        for p in more:
-            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        steps0 = llm.stats().num_steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            while engine.has_unfinished_requests():
-                engine.step(emit_unfinished=False)
-            _sync()
-        out["prefill_kernels"] = _kernel_times(prof, max(llm.stats().num_steps - steps0, 1))
+            profiled_steps = prefill(new_prompts(max(1, batch // 4)))
+        out["prefill_kernels"] = _kernel_times(prof, max(profiled_steps, 1))
 
     for p in prompts:
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=2 * steps + 64, ignore_eos=True))
@@ -118,8 +123,6 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
     out["decode_wall_s"] = (time.perf_counter() - t0) / steps
     out["decode_gpu_s"] = None
     if engine.device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step(emit_unfinished=False)
@@ -128,8 +131,7 @@ def probe_steps(llm, batch: int, prompt_len: int, steps: int = 32, seed: int = 1
         out["decode_gpu_s"] = busy / 1e6 / steps if busy else None
         out["decode_kernels"] = _kernel_times(prof, steps)
     out["decode_context"] = prompt_len + 64  # about where the measured steps sit
-    while engine.has_unfinished_requests():
-        engine.step(emit_unfinished=False)
+    _drain(engine)
     return out
 
 

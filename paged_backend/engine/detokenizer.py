@@ -90,10 +90,11 @@ class Detokenizer:
         st.text = st.text[: idx + len(s)] if params.include_stop_str_in_output else st.text[:idx]
         return s
 
-    @staticmethod
-    def take_delta(seq: Sequence) -> tuple[str, list[int]]:
-        """Text and token ids produced since the last call. While seq runs, the last characters
-        that could still turn out to start a stop string are held back."""
+    def take_delta(self, seq: Sequence) -> tuple[str, list[int]]:
+        """Text and token ids produced since the last call (the tokens not decoded yet are decoded
+        first). While seq runs, the last characters that could still turn out to start a stop
+        string are held back."""
+        self.update(seq)
         stops, st = seq.params.stop_strings, seq.detok
         hold = 0 if seq.finished or not stops else max(len(s) for s in stops) - 1
         end = max(st.emitted_text_len, len(st.text) - hold)

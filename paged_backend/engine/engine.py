@@ -415,7 +415,6 @@ class Engine:
         # the rest of the step at hundreds of requests.
         outputs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
-            self.detokenizer.update(seq)  # (the tokens not decoded yet; nothing once seq ended)
             delta_text, delta_ids = self.detokenizer.take_delta(seq)
             out_ids = seq.output_token_ids
             outputs.append(

@@ -23,6 +23,10 @@ class ScheduledSeq:
     num_new_tokens: int
     completes_prompt: bool  # after this step every known token of seq has K/V: its next token is sampled
 
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSeq":
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_total_tokens)
+
 
 @dataclass
 class SchedulerOutput:
@@ -69,8 +73,7 @@ class Scheduler:
             if seq.pending is not None and seq.pending.is_last:  # its last token is still on the device: nothing more to compute
                 i += 1
                 continue
-            left = seq.num_total_tokens - seq.num_computed_tokens
-            num_new = min(left, budget)
+            num_new = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -78,7 +81,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, num_new, num_new == left))
+                scheduled.append(ScheduledSeq.of(seq, num_new))
                 budget -= num_new
                 i += 1
 
@@ -96,7 +99,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_total_tokens))
+            scheduled.append(ScheduledSeq.of(seq, num_new))
             budget -= num_new
             slots_used += 1 + seq.pending_forks
 
