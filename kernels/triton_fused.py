@@ -125,23 +125,26 @@ def gated_activation(x, activation):
 @triton.jit
 def _rotary_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ct, H,
-    HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # One program per token and BLOCK_H heads (all of them, at the models' sizes): the token's cos/sin
+    # are loaded once, and a prefill step's programs each move kilobytes instead of one head's 128 bytes.
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK)
-    mask = offs < HALF
+    d_ok = offs < HALF
+    mask = (heads < H)[:, None] & d_ok[None, :]
     dt = out_ptr.dtype.element_ty
-    c = tl.load(cos_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_ct + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
-    src = x_ptr + t * stride_xt + h * stride_xh
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_ct + offs, mask=d_ok, other=0.0).to(dt).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * stride_ct + offs, mask=d_ok, other=0.0).to(dt).to(tl.float32)[None, :]
+    src = x_ptr + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     o1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
-    dst = out_ptr + (t * H + h) * (2 * HALF)
-    tl.store(dst + offs, o1, mask=mask)
-    tl.store(dst + HALF + offs, o2, mask=mask)
+    dst = out_ptr + (t * H + heads[:, None]) * (2 * HALF) + offs[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
 
 
 def rotary(x, cos, sin):
@@ -150,9 +153,11 @@ def rotary(x, cos, sin):
         x = x.contiguous()
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
     if t:
-        _rotary_kernel[(t, h)](
+        block = triton.next_power_of_2(d // 2)
+        block_h = min(triton.next_power_of_2(h), max(1, 4096 // block))
+        _rotary_kernel[(t, triton.cdiv(h, block_h))](
             x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), h,
-            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+            HALF=d // 2, BLOCK=block, BLOCK_H=block_h, num_warps=4,
         )
     return out
 

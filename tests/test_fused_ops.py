@@ -80,9 +80,9 @@ def test_gated_activation(dtype, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [16, 64])
-def test_rotary_on_a_view_of_the_qkv_output(dtype, d):
-    t, hq, hkv = 9, 4, 2
+@pytest.mark.parametrize("d,hq,hkv", [(16, 4, 2), (64, 4, 2), (256, 40, 8)])  # 256: 32 heads a program, a masked tail
+def test_rotary_on_a_view_of_the_qkv_output(dtype, d, hq, hkv):
+    t = 9
     qkv = randn(t, (hq + 2 * hkv) * d, dtype=dtype)
     q = qkv[:, : hq * d].view(t, hq, d)
     k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
