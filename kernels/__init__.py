@@ -42,13 +42,13 @@ __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_acti
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
-_lock = threading.Lock()
+_lock = threading.RLock()  # triton_decode loads triton_impl while it is itself being loaded
 _triton_modules: dict[tuple[str, bool], object] = {}
 
 
 def _triton_module(interpret: bool, name: str = "triton_impl"):
-    """A Triton module (triton_impl: attention; triton_fused: element-wise ops), compiled
-    (interpret=False) or interpreted (True); loaded once each."""
+    """A Triton module (triton_impl: attention; triton_decode: fp8 decode attention; triton_fused:
+    element-wise ops), compiled (interpret=False) or interpreted (True); loaded once each."""
     mod = _triton_modules.get((name, interpret))
     if mod is not None:
         return mod

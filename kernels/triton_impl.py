@@ -8,8 +8,10 @@ tile read from the cache serves all G heads. Programs are numbered over the flat
 owns the ids [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1), which needs no host-side
 knowledge of the per-sequence lengths (no device->host sync; a fixed grid of T // BLOCK_Q + B).
 
-This module is self-contained (torch and triton only) because kernels/__init__.py loads it a second
-time under TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton
+Decode-only batches over an fp8 cache go to triton_decode.py's kernel instead (see there).
+
+This module imports only torch and triton (triton_decode is reached through kernels/__init__'s loader at
+call time) because kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton
 builtins (tl.reduce with our own combine functions instead of tl.max / tl.sum / tl.sigmoid /
 tl.cdiv): those library helpers are jit functions of Triton's own, compiled-mode when triton was
 imported without the interpreter, and an interpreted kernel cannot call them.
@@ -413,6 +415,12 @@ def _choose_splits(batch: int, hkv: int, max_seq_len: int, device: torch.device,
     return max(1, min(want, max_seq_len // min_keys, 64))
 
 
+def _fp8_decode_module():
+    from . import _triton_module  # at call time: kernels/__init__ is what loads this module
+
+    return _triton_module(_INTERPRETED, "triton_decode")
+
+
 def paged_attention(
     q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
     *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None,
@@ -447,6 +455,13 @@ def paged_attention(
             num_splits = _choose_splits(num_seqs, hkv, max_seq_len, q.device, kv_cache.element_size())
     elif num_splits > 1 and max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if fp8 and config is None and decode and t == num_seqs and d <= 128:
+        # one token per sequence over an fp8 cache: triton_decode's kernel (keys on the dots' M dimension)
+        _fp8_decode_module().fp8_decode(q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2E, float(v_scale),
+                                        sliding_window, softcap, dst, num_splits, max_seq_len)
+        if dst is not out:
+            out.copy_(dst)
+        return out
     split = num_splits > 1
     if split and not decode:
         raise ValueError("split-K runs only on decode-only batches (every query length 1)")

@@ -430,13 +430,31 @@ def test_fp8_triton_split_k_decode():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp8_triton_decode_default_config(dtype):
-    """Decode-only batch, the entry point's own fp8 choice: 128-key tiles (full and masked), fp16 dots, no split."""
+    """Decode-only batch, the entry point's own fp8 choice: triton_decode's kernel, 128-key tiles (full and
+    masked), fp16 dots, no split."""
     batch = to_fp8_cache(make_batch([1] * 8, [300, 1, 129, 256, 17, 400, 128, 77], 8, 2, 64, dtype=dtype, seed=35),
                          0.04, 0.03)
     mod = kernels._triton_module(interpret=True)
-    assert mod._launch_config(1, 4, 64, True, fp8=True)[1] == 128
+    assert kernels._triton_module(True, "triton_decode").launch_config(64)[0] == 128
     assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
     assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, window, softcap, splits", [
+    (4, 4, 32, torch.bfloat16, None, None, 1),  # one query head per KV head (MHA): N = 1
+    (12, 2, 64, torch.float16, 100, None, 1),  # G = 6, padded to 8 on N
+    (16, 2, 128, torch.bfloat16, None, 30.0, 2),  # G = 8, 64-key tiles, softcap, split-K
+    (8, 2, 64, torch.float32, 64, 20.0, 3),  # fp32 q (ieee dots), window and softcap, split-K
+])
+def test_fp8_triton_decode_kernel_shapes(hq, hkv, d, dtype, window, softcap, splits):
+    """triton_decode's kernel (keys on the dots' M dimension) against the oracle across head groupings,
+    head sizes, q dtypes, windows, softcapping and split-K."""
+    batch = to_fp8_cache(make_batch([1] * 5, [300, 1, 129, 64, 77], hq, hkv, d, dtype=dtype, seed=hq + d), 0.05, 0.02)
+    out = torch.full_like(batch["q"], float("nan"))
+    kernels._triton_module(interpret=True).paged_attention(
+        batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], d**-0.5,
+        window, softcap, out, max_query_len=1, max_seq_len=300, k_scale=0.05, v_scale=0.02, num_splits=splits)
+    assert rel_err(out, oracle(batch, d**-0.5, window, softcap)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("mag", [1e6, 1e-7])

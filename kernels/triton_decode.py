@@ -1,0 +1,168 @@
+"""Decode attention over an fp8 KV cache with the keys on the tensor cores' M dimension.
+
+triton_impl's kernel puts a program's G query heads on the rows (M) of its dots: S = q K^T is
+[16, keys] with G = 4 of the 16 rows real (the MMA's smallest M), and the online softmax runs over
+all 16. Over an fp8 cache a 16 KB tile holds twice the keys of a bf16 one, so that per-key work
+doubles per byte, and the kernel ran at 42-60 % of the copy rate (instruction- and latency-bound:
+ncu showed 12.5 % occupancy, stalls on memory and shared-memory round trips; BENCHMARKS.md).
+Here the product is transposed: S^T = K q^T is [keys, G] (keys fill M; the G heads sit on N,
+which Triton pads to the MMA's 8) and out^T = V^T P^T, so the dots and the softmax do half the
+work per key, and one warp per program (a tile's keys within one warp: the softmax reductions
+over keys are shuffles, no shared memory) gives more programs per SM. Measured on an H200 at
+workload-A contexts: 1.20x (head_dim 64) and 1.12x (128) the fp8 speed of triton_impl's kernel;
+over a bf16 cache it was no faster, so bf16 stays there.
+
+Decode-only batches (one new token per sequence), split-K, sliding windows and softcapping as in
+triton_impl (its helpers and split reduce kernel are shared). Loaded through kernels/__init__'s
+`_triton_module` in the same mode as this module (compiled, or interpreted for CPU tensors).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton_module
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_impl = _triton_module(_INTERPRETED, "triton_impl")
+_fp16_rows, _fp8_to_f16 = _impl._fp16_rows, _impl._fp8_to_f16
+_max_combine, _sum_combine = _impl._max_combine, _impl._sum_combine
+
+
+@triton.jit(do_not_specialize=["chunk_len", "window", "stride_bt"])
+def _fp8_decode_kernel(
+    q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, v_scale, softcap, window, chunk_len,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
+    stride_pt, stride_ph, stride_ps,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SOFT_FP8: tl.constexpr,
+):
+    """Program (b, kvh, split): sequence b's one new token, the G query heads of KV head kvh, keys of split."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row = b.to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    head = kvh * G + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_mask[None, :], other=0.0)
+    if q.dtype == tl.float32:
+        qk = qk_scale
+    else:  # fp16 dots on power-of-two scaled rows, as in triton_impl (the K scale is in qk_scale)
+        q, qk = _fp16_rows(q, qk_scale)
+        qk = tl.reshape(qk, [GP])[None, :]
+    qt = tl.trans(q)  # [BLOCK_D, GP]: the dots' N operand
+
+    lo = 0
+    hi = seq_len
+    if USE_WINDOW:  # the new token (position seq_len - 1) sees keys > seq_len - 1 - window
+        lo = tl.maximum(seq_len - window, 0)
+    if SPLIT:
+        lo = tl.maximum(lo, split * chunk_len)
+        hi = tl.minimum(hi, (split + 1) * chunk_len)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    acc = tl.full([BLOCK_D, GP], 0.0, tl.float32)  # out^T
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.full([GP], 0.0, tl.float32)
+    bt_row = bt_ptr + row * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        phys = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        kv_mask = n_ok[:, None] & d_mask[None, :]
+        k = _fp8_to_f16(tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0), SOFT_FP8)
+        if UPCAST:  # the interpreter: the same products in fp32
+            s = tl.dot(k.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(k.to(qt.dtype), qt, input_precision=DOT_PREC)  # S^T [BLOCK_N, GP]
+        if USE_SOFTCAP:  # as triton_impl: softcap * tanh(x / softcap) through a sigmoid, into the log2 domain
+            s = softcap * (2.0 / (1.0 + tl.exp(s * (-2.0 * qk / (1.4426950408889634 * softcap)))) - 1.0)
+            s = s * 1.4426950408889634
+        else:
+            s = s * qk
+        keep = n_ok
+        if USE_WINDOW:
+            keep = keep & (offs_n > seq_len - 1 - window)
+        s = tl.where(keep[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[None, :])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
+        v = _fp8_to_f16(tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0),
+                        SOFT_FP8)
+        if UPCAST:
+            pv = tl.dot(tl.trans(v).to(tl.float32), p, input_precision="ieee")
+        else:
+            pv = tl.dot(tl.trans(v.to(qt.dtype)), p.to(qt.dtype), input_precision=DOT_PREC)
+        acc = acc * alpha[None, :] + pv
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    res = acc * (v_scale / l_safe)[None, :]
+    st_mask = d_mask[:, None] & g_ok[None, :]
+    if SPLIT:  # the split's normalised partial result and its log2-sum-exp, for triton_impl's reduce kernel
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        p_off = row * stride_pt + head * stride_ph + split * stride_ps
+        tl.store(part_out_ptr + p_off[None, :] + offs_d[:, None], res, mask=st_mask)
+        tl.store(part_lse_ptr + (row * stride_pt + head * stride_ph) // BLOCK_D + split, lse, mask=g_ok)
+    else:
+        tl.store(out_ptr + row * stride_ot + head[None, :] * stride_oh + offs_d[:, None],
+                 res.to(out_ptr.dtype.element_ty), mask=st_mask)
+
+
+def launch_config(d: int) -> tuple[int, int, int]:
+    """(BLOCK_N keys, num_warps, num_stages), from a sweep on an H200 (BENCHMARKS.md)."""
+    return (128, 1, 3) if d <= 64 else (64, 1, 4)
+
+
+def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_window, softcap, out, num_splits,
+               max_seq_len):
+    """out [B, Hq, D] <- attention of q [B, Hq, D] (one token per sequence) over the fp8 cache.
+    qk_scale: softmax scale * K scale * log2(e); v_scale as the kernel multiplies it in (triton_impl)."""
+    t, hq, d = q.shape
+    _, _, block_size, hkv, _ = kv_cache.shape
+    g = hq // hkv
+    block_n, warps, stages = launch_config(d)
+    split = num_splits > 1
+    chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n if split else 0
+    if split:
+        num_splits = triton.cdiv(max_seq_len, chunk_len)
+        split = num_splits > 1
+    block_d = triton.next_power_of_2(d)
+    if split:
+        part_out = torch.empty(t, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
+        p_strides = part_out.stride()[:3]
+    else:
+        part_out = part_lse = out  # unused
+        p_strides = (0, 0, 0)
+    _fp8_decode_kernel[(t, hkv, num_splits if split else 1)](
+        q, kv_cache, out, block_tables, seq_lens, part_out, part_lse,
+        qk_scale, v_scale, float(softcap or 0.0), int(sliding_window or 0), chunk_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        *p_strides,
+        G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
+        UPCAST=_INTERPRETED, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFT_FP8=_INTERPRETED,
+        num_warps=warps, num_stages=stages,
+    )
+    if split:
+        _impl._split_reduce_kernel[(t, hq)](
+            part_out, part_lse, out, num_splits, *p_strides, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out
