@@ -27,6 +27,8 @@ def test_bench_throughput_with_peers_json_and_plot(tmp_path, capsys):
     probe = data["step_probe"]
     assert probe["batch"] == 4 and probe["prefill_steps"] >= 1 and probe["decode_wall_s"] > 0
     assert probe["decode_gpu_s"] is None and probe["prefill_floor_s"] > 0 and probe["decode_floor_s"] > 0
+    assert probe["decode_op_floor_s"] >= probe["decode_floor_s"]
+    assert data["floor"]["total_per_op_s"] >= data["floor"]["total_s"] and 0 < ours["roofline_per_op_fraction"]
     assert data["rates"]["copy_bytes_per_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
@@ -82,3 +84,22 @@ def test_step_probe_names_the_kernels_a_decode_step_spends_its_time_in():
     assert len(describe(probe)) == 2
     probe["prefill_kernels"] = [("_paged_attn_kernel", 3.125e-3)]  # of 31.25 ms a prefill step
     assert describe(probe)[-1] == "prefill step GPU time by kernel: _paged_attn_kernel 3.12 ms (10%)"
+
+
+def test_per_operation_decode_floor_adds_each_operations_longer_side():
+    """Linears compute-bound (their FLOPs outlast their bytes) and attention memory-bound: the per-operation
+    floor adds the two longer sides; the whole-step floor takes the longer of the step's totals."""
+    from paged_backend.bench.roofline import ModelCost, Rates, decode_step_floor_seconds, decode_step_op_floor_seconds
+
+    cost = ModelCost(weight_bytes=1000, matmul_params=400, lm_head_params=100, kv_bytes_per_token=10,
+                     attn_flops_per_pair=2)
+    rates = Rates(copy_bytes_per_s=1000.0, matmul_flops_per_s=100_000.0)
+    ctx = [50] * 100  # 100 sequences of 50 tokens: 5000 cached tokens
+    linears = max(1000 / 1000, 100 * 2 * 500 / 100_000)  # bytes 1 s, FLOPs 1 s -> 1 s
+    attention = max(10 * 5000 / 1000, 2 * 5000 / 100_000)  # bytes 50 s, FLOPs 0.1 s
+    assert decode_step_op_floor_seconds(cost, ctx, rates) == pytest.approx(linears + attention)
+    whole = max((1000 + 10 * 5000) / 1000, (100 * 2 * 500 + 2 * 5000) / 100_000)
+    assert decode_step_floor_seconds(cost, ctx, rates) == pytest.approx(whole)
+    heavy = Rates(copy_bytes_per_s=1000.0, matmul_flops_per_s=10_000.0)  # now the linears' FLOPs take 10 s
+    assert decode_step_op_floor_seconds(cost, ctx, heavy) == pytest.approx(10 + 50)
+    assert decode_step_floor_seconds(cost, ctx, heavy) == pytest.approx(51)

@@ -138,12 +138,15 @@ class ModelCost:
 
 
 def floor_seconds(cost: ModelCost, prompt_lens: list[int], output_lens: list[int], rates: Rates) -> dict:
-    """The workload's floor: prefill (compute) + decode steps (memory or compute, per step)."""
+    """The workload's floor: prefill (compute) + decode steps (memory or compute, per step). Also the
+    per-operation floor (`decode_step_op_floor_seconds`) of the same decode steps, as `*_per_op_s`."""
     prefill_s = prefill_floor_seconds(cost, prompt_lens, rates)
-    decode_s = sum(decode_step_floor_seconds(cost, [p + step for p, o in zip(prompt_lens, output_lens) if o > step],
-                                             rates)
-                   for step in range(1, max(output_lens)))  # the first output token comes out of the prefill
-    return dict(prefill_s=prefill_s, decode_s=decode_s, total_s=prefill_s + decode_s)
+    # the decode steps' context lengths; the first output token comes out of the prefill
+    steps = [[p + step for p, o in zip(prompt_lens, output_lens) if o > step] for step in range(1, max(output_lens))]
+    decode_s = sum(decode_step_floor_seconds(cost, ctx, rates) for ctx in steps)
+    decode_per_op_s = sum(decode_step_op_floor_seconds(cost, ctx, rates) for ctx in steps)
+    return dict(prefill_s=prefill_s, decode_s=decode_s, total_s=prefill_s + decode_s,
+                decode_per_op_s=decode_per_op_s, total_per_op_s=prefill_s + decode_per_op_s)
 
 
 def decode_step_floor_seconds(cost: ModelCost, context_lens: list[int], rates: Rates) -> float:
@@ -152,3 +155,16 @@ def decode_step_floor_seconds(cost: ModelCost, context_lens: list[int], rates: R
     step_flops = (len(context_lens) * 2 * (cost.matmul_params + cost.lm_head_params)
                   + cost.attn_flops_per_pair * sum(context_lens))
     return max(step_bytes / rates.copy_bytes_per_s, step_flops / rates.matmul_flops_per_s)
+
+
+def decode_step_op_floor_seconds(cost: ModelCost, context_lens: list[int], rates: Rates) -> float:
+    """One decode step operation by operation: the linears (every weight read once, or their FLOPs) plus attention
+    (the K/V read once, or its FLOPs), each at the longer of its two. A step's linears and its attention run one
+    after the other, so a batch whose linears are compute-bound (Llama-3-8B at 256 sequences on an H200) cannot
+    hide the attention's bytes under them, as the whole-step floor above assumes."""
+    n, ctx = len(context_lens), sum(context_lens)
+    linears = max(cost.weight_bytes / rates.copy_bytes_per_s,
+                  n * 2 * (cost.matmul_params + cost.lm_head_params) / rates.matmul_flops_per_s)
+    attention = max(cost.kv_bytes_per_token * ctx / rates.copy_bytes_per_s,
+                    cost.attn_flops_per_pair * ctx / rates.matmul_flops_per_s)
+    return linears + attention

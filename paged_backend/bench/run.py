@@ -149,7 +149,9 @@ def throughput(a) -> dict:
         r.update(requests_per_s=r["requests"] / r["seconds"], output_tok_per_s=r["output_tokens"] / r["seconds"],
                  total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
                  # the floor is that of all requests: a peer on fewer (--peer-num-prompts) has none
-                 roofline_fraction=floor["total_s"] / r["seconds"] if r["requests"] == len(requests) else None)
+                 roofline_fraction=floor["total_s"] / r["seconds"] if r["requests"] == len(requests) else None,
+                 roofline_per_op_fraction=floor["total_per_op_s"] / r["seconds"] if r["requests"] == len(requests)
+                 else None)
     for r in results[1:]:  # by output rate: a peer may have run fewer requests (--peer-num-prompts)
         ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -192,6 +194,10 @@ def _print_throughput(rep: dict) -> None:
         print(f"{r['name'][:72]:72s} {r['seconds']:8.2f} {r['requests_per_s']:7.2f} {r['total_tok_per_s']:9.0f} "
               f"{r['output_tok_per_s']:10.0f} {ratio:>8s} "
               f"{'-' if r['roofline_fraction'] is None else format(r['roofline_fraction'], '.1%'):>9s}")
+    fl = rep["floor"]
+    print(f"per-operation roofline {fl['total_per_op_s']:.2f} s (decode {fl['decode_per_op_s']:.2f}: each step's linears "
+          f"and attention each at the longer of their bytes and FLOPs): paged-backend at "
+          f"{ours['roofline_per_op_fraction']:.1%} of it")
     print(f"start-up of our engine (load, KV sizing, CUDA graphs): {ours['startup_s']:.1f} s")
     ar = rep["floor"].get("all_reduce")
     if rep["floor"].get("num_gpus", 1) > 1 and ar:

@@ -19,7 +19,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from paged_backend.bench.roofline import ModelCost, Rates, decode_step_floor_seconds, prefill_floor_seconds
+from paged_backend.bench.roofline import (ModelCost, Rates, decode_step_floor_seconds, decode_step_op_floor_seconds,
+                                         prefill_floor_seconds)
 
 
 def _sync() -> None:
@@ -139,6 +140,7 @@ def with_floors(probe: dict, cost: ModelCost, rates: Rates) -> dict:
     b, p = probe["batch"], probe["prompt_len"]
     probe["prefill_floor_s"] = prefill_floor_seconds(cost, [p] * b, rates)
     probe["decode_floor_s"] = decode_step_floor_seconds(cost, [probe["decode_context"]] * b, rates)
+    probe["decode_op_floor_s"] = decode_step_op_floor_seconds(cost, [probe["decode_context"]] * b, rates)
     return probe
 
 
@@ -149,6 +151,8 @@ def describe(probe: dict) -> list[str]:
     d += (f", GPU busy {gpu * 1e3:.2f} ms (wall / GPU = {probe['decode_wall_s'] / gpu:.2f}x)" if gpu
           else ", GPU time: not measured (no CUDA)")
     d += f", bandwidth floor {probe['decode_floor_s'] * 1e3:.2f} ms"
+    if "decode_op_floor_s" in probe:
+        d += f" (per operation {probe['decode_op_floor_s'] * 1e3:.2f} ms)"
     per = probe["prefill_s"] / max(probe["prefill_steps"], 1)
     f = (f"prefill {probe['batch']} x {probe['prompt_len']} tokens: {probe['prefill_s']:.3f} s in "
          f"{probe['prefill_steps']} steps ({per * 1e3:.1f} ms a step), matmul floor {probe['prefill_floor_s']:.3f} s "
