@@ -136,33 +136,19 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
     block_n, warps, stages = launch_config(d)
-    split = num_splits > 1
-    chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n if split else 0
-    if split:
-        num_splits = triton.cdiv(max_seq_len, chunk_len)
-        split = num_splits > 1
-    block_d = triton.next_power_of_2(d)
-    if split:
-        part_out = torch.empty(t, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
-        p_strides = part_out.stride()[:3]
-    else:
-        part_out = part_lse = out  # unused
-        p_strides = (0, 0, 0)
-    _fp8_decode_kernel[(t, hkv, num_splits if split else 1)](
+    num_splits, chunk_len, part_out, part_lse, p_strides = _impl.split_plan(q, num_splits, max_seq_len, block_n)
+    _fp8_decode_kernel[(t, hkv, num_splits)](
         q, kv_cache, out, block_tables, seq_lens, part_out, part_lse,
         qk_scale, v_scale, float(softcap or 0.0), int(sliding_window or 0), chunk_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
-        G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
+        G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
         UPCAST=_INTERPRETED, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFT_FP8=_INTERPRETED,
         num_warps=warps, num_stages=stages,
     )
-    if split:
-        _impl._split_reduce_kernel[(t, hq)](
-            part_out, part_lse, out, num_splits, *p_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )
+    if num_splits > 1:
+        _impl.reduce_splits(part_out, part_lse, out, num_splits, p_strides)
     return out

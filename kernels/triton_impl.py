@@ -415,6 +415,31 @@ def _choose_splits(batch: int, hkv: int, max_seq_len: int, device: torch.device,
     return max(1, min(want, max_seq_len // min_keys, 64))
 
 
+def split_plan(q, num_splits, max_seq_len, block_n):
+    """Split-K of a decode batch into num_splits chunks of the context (each a multiple of block_n keys):
+    (num_splits, chunk_len, part_out, part_lse, part_out's first three strides). The count can shrink (chunks
+    that would start past max_seq_len); with 1 there is no split: chunk_len 0 and q stands in for the
+    (unused) partial buffers."""
+    if num_splits > 1:
+        chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(max_seq_len, chunk_len)
+    if num_splits <= 1:
+        return 1, 0, q, q, (0, 0, 0)
+    t, hq, d = q.shape
+    part_out = torch.empty(t, hq, num_splits, triton.next_power_of_2(d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
+    return num_splits, chunk_len, part_out, part_lse, part_out.stride()[:3]
+
+
+def reduce_splits(part_out, part_lse, out, num_splits, p_strides):
+    """out [T, Hq, D] <- the splits' partial results weighted by their log-sum-exps."""
+    t, hq, d = out.shape
+    _split_reduce_kernel[(t, hq)](
+        part_out, part_lse, out, num_splits, *p_strides, out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), SPLITS_PAD=triton.next_power_of_2(num_splits),
+    )
+
+
 def _fp8_decode_module():
     from . import _triton_module  # at call time: kernels/__init__ is what loads this module
 
@@ -455,50 +480,32 @@ def paged_attention(
             num_splits = _choose_splits(num_seqs, hkv, max_seq_len, q.device, kv_cache.element_size())
     elif num_splits > 1 and max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if num_splits > 1 and not decode:
+        raise ValueError("split-K runs only on decode-only batches (every query length 1)")
     if fp8 and config is None and decode and t == num_seqs and d <= 128:
         # one token per sequence over an fp8 cache: triton_decode's kernel (keys on the dots' M dimension)
         _fp8_decode_module().fp8_decode(q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2E, float(v_scale),
                                         sliding_window, softcap, dst, num_splits, max_seq_len)
-        if dst is not out:
-            out.copy_(dst)
-        return out
-    split = num_splits > 1
-    if split and not decode:
-        raise ValueError("split-K runs only on decode-only batches (every query length 1)")
-    chunk_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n if split else 0
-    if split:
-        num_splits = triton.cdiv(max_seq_len, chunk_len)
-        split = num_splits > 1
-    block_d = triton.next_power_of_2(d)
-    if split:
-        part_out = torch.empty(t, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
-        p_strides = part_out.stride()[:3]
     else:
-        part_out = part_lse = out  # unused
-        p_strides = (0, 0, 0)
-    direct = decode and t == num_seqs  # one token per sequence (a decode step): grid is one program per sequence
-    grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits if split else 1)
-    _paged_attn_kernel[grid](
-        q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-        scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs, chunk_len,
-        q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        *p_strides,
-        G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=split,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
-        SOFT_FP8=fp8 and _INTERPRETED,
-        num_warps=warps, num_stages=stages,
-    )
-    if split:
-        _split_reduce_kernel[(t, hq)](
-            part_out, part_lse, dst, num_splits,
-            *p_strides, dst.stride(0), dst.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        num_splits, chunk_len, part_out, part_lse, p_strides = split_plan(q, num_splits, max_seq_len, block_n)
+        direct = decode and t == num_seqs  # one token per sequence (a decode step): one program per sequence
+        grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits)
+        _paged_attn_kernel[grid](
+            q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
+            scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs,
+            chunk_len, q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+            *p_strides,
+            G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+            USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
+            SOFT_FP8=fp8 and _INTERPRETED,
+            num_warps=warps, num_stages=stages,
         )
+        if num_splits > 1:
+            reduce_splits(part_out, part_lse, dst, num_splits, p_strides)
     if dst is not out:
         out.copy_(dst)
     return out
