@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from paged_backend import kernels
+from paged_backend.layers.parallel import RowParallelLinear, TPGroup
 
 # x [M, K] -> (x_q float8_e4m3fn, scale [M, 1] fp32), x ~= x_q * scale: one kernel on CUDA, torch on CPU.
 quantize_rows = kernels.quantize_fp8_rows
@@ -30,10 +31,11 @@ def _scaled_mm_ok(x: torch.Tensor, n: int) -> bool:
 class Fp8Linear(nn.Module):
     """A linear layer with float8_e4m3fn weights [N, K] and per-output-channel fp32 scales [N].
 
-    Built from a loaded nn.Linear (or MergedLinear: its shard layout and `split` carry over)."""
+    Built from a loaded nn.Linear (or MergedLinear: its shard layout and `split` carry over; or
+    RowParallelLinear: under tensor parallelism its partial products are all-reduced, the bias added after)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 shard_sizes: dict[str, int] | None = None):
+                 shard_sizes: dict[str, int] | None = None, row_parallel: TPGroup | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -41,12 +43,14 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(weight_scale.reshape(1, -1).float().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.shard_sizes = shard_sizes
+        self.row_parallel = row_parallel if row_parallel is not None and row_parallel.size > 1 else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
         w_q, w_scale = quantize_rows(linear.weight.data)
         bias = None if linear.bias is None else linear.bias.data
-        return cls(w_q, w_scale, bias, getattr(linear, "shard_sizes", None))
+        tp = linear.tp if isinstance(linear, RowParallelLinear) else None
+        return cls(w_q, w_scale, bias, getattr(linear, "shard_sizes", None), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -56,6 +60,8 @@ class Fp8Linear(nn.Module):
             y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         else:
             y = ((x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale).to(x.dtype)
+        if self.row_parallel is not None:  # this rank's input features only: sum the ranks' products
+            y = self.row_parallel.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

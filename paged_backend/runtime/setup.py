@@ -153,8 +153,6 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         if model is not None:
             raise ValueError("tensor_parallel_size > 1 needs a model name or path (each rank loads its own shard), "
                              "not a model object")
-        if quantization == "fp8":  # the fp8 linear does not shard yet: it would drop the row-parallel all-reduce
-            raise ValueError("quantization='fp8' does not support tensor_parallel_size > 1 yet: use one of them")
         # Checked before any process starts; then rank 0 (this process) and its workers build
         # their shards together.
         validate_tensor_parallel(cfg, args.tensor_parallel_size, device.type, args.model_impl)
