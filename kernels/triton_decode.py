@@ -30,7 +30,7 @@ from . import _triton_module
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _impl = _triton_module(_INTERPRETED, "triton_impl")
 _fp16_rows, _fp8_to_f16 = _impl._fp16_rows, _impl._fp8_to_f16
-_max_combine, _sum_combine = _impl._max_combine, _impl._sum_combine
+_log2_logits, _online_softmax = _impl._log2_logits, _impl._online_softmax
 
 
 @triton.jit(do_not_specialize=["chunk_len", "window", "stride_bt"])
@@ -87,20 +87,12 @@ def _fp8_decode_kernel(
             s = tl.dot(k.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(k.to(qt.dtype), qt, input_precision=DOT_PREC)  # S^T [BLOCK_N, GP]
-        if USE_SOFTCAP:  # as triton_impl: softcap * tanh(x / softcap) through a sigmoid, into the log2 domain
-            s = softcap * (2.0 / (1.0 + tl.exp(s * (-2.0 * qk / (1.4426950408889634 * softcap)))) - 1.0)
-            s = s * 1.4426950408889634
-        else:
-            s = s * qk
+        s = _log2_logits(s, qk, softcap, USE_SOFTCAP)
         keep = n_ok
         if USE_WINDOW:
             keep = keep & (offs_n > seq_len - 1 - window)
         s = tl.where(keep[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[None, :])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
+        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, 0)  # over keys: S^T's rows
         v = _fp8_to_f16(tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0),
                         SOFT_FP8)
         if UPCAST:

@@ -10,11 +10,12 @@ knowledge of the per-sequence lengths (no device->host sync; a fixed grid of T /
 
 Decode-only batches over an fp8 cache go to triton_decode.py's kernel instead (see there).
 
-This module imports only torch and triton (triton_decode is reached through kernels/__init__'s loader at
-call time) because kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton
-builtins (tl.reduce with our own combine functions instead of tl.max / tl.sum / tl.sigmoid /
-tl.cdiv): those library helpers are jit functions of Triton's own, compiled-mode when triton was
-imported without the interpreter, and an interpreted kernel cannot call them.
+This module imports only torch and triton (triton_decode is reached through kernels/__init__'s loader
+at call time) because kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU
+tensors. For the same reason the kernels call only Triton builtins (tl.reduce with our own combine
+functions instead of tl.max / tl.sum / tl.sigmoid / tl.cdiv): those library helpers are jit
+functions of Triton's own, compiled-mode when triton was imported without the interpreter, and an
+interpreted kernel cannot call them.
 """
 
 from __future__ import annotations
@@ -156,6 +157,31 @@ def _fp16_rows(q, qk_scale):
 
 
 @triton.jit
+def _log2_logits(s, qk_scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """Raw q.k products -> scaled logits in the log2 domain (qk_scale = scale * log2(e), a scalar or per
+    row). With softcap: softcap * tanh(x * scale / softcap) first, tanh(y) = 2 * sigmoid(2y) - 1, whose
+    argument s * scale / softcap is s * qk_scale / (log2(e) * softcap)."""
+    if USE_SOFTCAP:
+        out = softcap * (2.0 / (1.0 + tl.exp(s * (-2.0 * qk_scale / (1.4426950408889634 * softcap)))) - 1.0)
+        out = out * 1.4426950408889634
+    else:
+        out = s * qk_scale
+    return out
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, AXIS: tl.constexpr):
+    """One tile of the online softmax over keys along AXIS of the log2-domain logits s: (p, alpha, m_new,
+    l_new), where the running output is rescaled by alpha and gains p's product with V. Rows with
+    nothing visible yet (all -inf) stay at zero."""
+    m_new = tl.maximum(m_i, tl.reduce(s, AXIS, _max_combine))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - tl.expand_dims(m_safe, AXIS))
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.reduce(p, AXIS, _sum_combine)
+
+
+@triton.jit
 def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     """Largest b with qsl[b] // BLOCK_Q + b <= pid (binary search; those starts strictly increase)."""
     lo = tl.full([], 0, tl.int32)
@@ -196,23 +222,13 @@ def _attend_tile(
     if FP8_KV:
         k = _fp8_to_f16(k, SOFT_FP8)
     s = _dot(q, k.to(q.dtype), DOT_PREC, UPCAST)
-    if USE_SOFTCAP:
-        # softcap * tanh(x / softcap), tanh(y) = 2 * sigmoid(2y) - 1; then into the log2 domain
-        # qk_scale = scale * log2(e), so the tanh argument s * scale / softcap is s * qk_scale / (log2(e) * softcap)
-        s = softcap * (2.0 / (1.0 + tl.exp(s * (-2.0 * qk_scale / (1.4426950408889634 * softcap)))) - 1.0)
-        s = s * 1.4426950408889634
-    else:
-        s = s * qk_scale  # qk_scale already holds log2(e)
+    s = _log2_logits(s, qk_scale, softcap, USE_SOFTCAP)
     if MASKED:
         keep = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, 1)
     if MASKED:
         v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :],
                     other=0.0)
