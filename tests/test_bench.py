@@ -75,7 +75,7 @@ def test_step_probe_names_the_kernels_a_decode_step_spends_its_time_in():
     assert _short_name("void cutlass::Kernel2<cutlass_80_tensorop_bf16_gemm>(Params)") == "cutlass::Kernel2"
     assert _short_name("_paged_attention_decode_kernel") == "_paged_attention_decode_kernel"
     probe = dict(batch=256, decode_context=576, decode_wall_s=3.1e-3, decode_gpu_s=3.0e-3, decode_floor_s=1.7e-3,
-                 prefill_s=0.5, prefill_steps=16, prefill_floor_s=0.33, prompt_len=512,
+                 decode_op_floor_s=1.9e-3, prefill_s=0.5, prefill_steps=16, prefill_floor_s=0.33, prompt_len=512,
                  decode_kernels=[("_paged_attention_decode_kernel", 1.5e-3), ("sm90_gemm", 0.9e-3)])
     lines = describe(probe)
     assert lines[-1] == ("decode step GPU time by kernel: _paged_attention_decode_kernel 1.500 ms (50%), "

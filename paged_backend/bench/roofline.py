@@ -149,12 +149,19 @@ def floor_seconds(cost: ModelCost, prompt_lens: list[int], output_lens: list[int
                 decode_per_op_s=decode_per_op_s, total_per_op_s=prefill_s + decode_per_op_s)
 
 
+def _decode_step_parts(cost: ModelCost, context_lens: list[int], rates: Rates) -> tuple[float, float, float, float]:
+    """Seconds of one decode step's linears (bytes, FLOPs) and attention (bytes, FLOPs) at the measured rates."""
+    n, ctx = len(context_lens), sum(context_lens)
+    return (cost.weight_bytes / rates.copy_bytes_per_s,
+            n * 2 * (cost.matmul_params + cost.lm_head_params) / rates.matmul_flops_per_s,
+            cost.kv_bytes_per_token * ctx / rates.copy_bytes_per_s,
+            cost.attn_flops_per_pair * ctx / rates.matmul_flops_per_s)
+
+
 def decode_step_floor_seconds(cost: ModelCost, context_lens: list[int], rates: Rates) -> float:
     """One decode step of these sequences: all weights and their K/V read once, or its FLOPs."""
-    step_bytes = cost.weight_bytes + cost.kv_bytes_per_token * sum(context_lens)
-    step_flops = (len(context_lens) * 2 * (cost.matmul_params + cost.lm_head_params)
-                  + cost.attn_flops_per_pair * sum(context_lens))
-    return max(step_bytes / rates.copy_bytes_per_s, step_flops / rates.matmul_flops_per_s)
+    lin_bytes, lin_flops, attn_bytes, attn_flops = _decode_step_parts(cost, context_lens, rates)
+    return max(lin_bytes + attn_bytes, lin_flops + attn_flops)
 
 
 def decode_step_op_floor_seconds(cost: ModelCost, context_lens: list[int], rates: Rates) -> float:
@@ -162,9 +169,5 @@ def decode_step_op_floor_seconds(cost: ModelCost, context_lens: list[int], rates
     (the K/V read once, or its FLOPs), each at the longer of its two. A step's linears and its attention run one
     after the other, so a batch whose linears are compute-bound (Llama-3-8B at 256 sequences on an H200) cannot
     hide the attention's bytes under them, as the whole-step floor above assumes."""
-    n, ctx = len(context_lens), sum(context_lens)
-    linears = max(cost.weight_bytes / rates.copy_bytes_per_s,
-                  n * 2 * (cost.matmul_params + cost.lm_head_params) / rates.matmul_flops_per_s)
-    attention = max(cost.kv_bytes_per_token * ctx / rates.copy_bytes_per_s,
-                    cost.attn_flops_per_pair * ctx / rates.matmul_flops_per_s)
-    return linears + attention
+    lin_bytes, lin_flops, attn_bytes, attn_flops = _decode_step_parts(cost, context_lens, rates)
+    return max(lin_bytes, lin_flops) + max(attn_bytes, attn_flops)

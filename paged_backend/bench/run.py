@@ -146,12 +146,12 @@ def throughput(a) -> dict:
     floor.update(num_gpus=tp, all_reduce=_all_reduce_bytes(config, torch.finfo(dtype).bits // 8, tp, a.max_num_seqs))
     in_tokens = sum(len(r.prompt) for r in requests)
     for r in results:
+        # the floor is that of all requests: a peer on fewer (--peer-num-prompts) has none
+        full = r["requests"] == len(requests)
         r.update(requests_per_s=r["requests"] / r["seconds"], output_tok_per_s=r["output_tokens"] / r["seconds"],
                  total_tok_per_s=(in_tokens + r["output_tokens"]) / r["seconds"],
-                 # the floor is that of all requests: a peer on fewer (--peer-num-prompts) has none
-                 roofline_fraction=floor["total_s"] / r["seconds"] if r["requests"] == len(requests) else None,
-                 roofline_per_op_fraction=floor["total_per_op_s"] / r["seconds"] if r["requests"] == len(requests)
-                 else None)
+                 roofline_fraction=floor["total_s"] / r["seconds"] if full else None,
+                 roofline_per_op_fraction=floor["total_per_op_s"] / r["seconds"] if full else None)
     for r in results[1:]:  # by output rate: a peer may have run fewer requests (--peer-num-prompts)
         ours[f"vs_{r.get('peer', r['name'])}"] = ours["output_tok_per_s"] / r["output_tok_per_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -150,9 +150,8 @@ def describe(probe: dict) -> list[str]:
          f"{probe['decode_wall_s'] * 1e3:.2f} ms")
     d += (f", GPU busy {gpu * 1e3:.2f} ms (wall / GPU = {probe['decode_wall_s'] / gpu:.2f}x)" if gpu
           else ", GPU time: not measured (no CUDA)")
-    d += f", bandwidth floor {probe['decode_floor_s'] * 1e3:.2f} ms"
-    if "decode_op_floor_s" in probe:
-        d += f" (per operation {probe['decode_op_floor_s'] * 1e3:.2f} ms)"
+    d += (f", bandwidth floor {probe['decode_floor_s'] * 1e3:.2f} ms (per operation "
+          f"{probe['decode_op_floor_s'] * 1e3:.2f} ms)")
     per = probe["prefill_s"] / max(probe["prefill_steps"], 1)
     f = (f"prefill {probe['batch']} x {probe['prompt_len']} tokens: {probe['prefill_s']:.3f} s in "
          f"{probe['prefill_steps']} steps ({per * 1e3:.1f} ms a step), matmul floor {probe['prefill_floor_s']:.3f} s "
