@@ -128,11 +128,13 @@ class LLM:
         results: list[Optional[RequestOutput]] = [None] * len(ids)
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         start, in_toks, out_toks = time.perf_counter(), 0, 0
+        remaining = len(ids)
         try:
-            while any(r is None for r in results):
+            while remaining:
                 for out in engine.step(emit_unfinished=False):
-                    if out.finished and out.request_id in order:
+                    if out.finished and out.request_id in order and results[order[out.request_id]] is None:
                         results[order[out.request_id]] = out
+                        remaining -= 1
                         in_toks += len(out.prompt_token_ids)
                         out_toks += sum(len(c.token_ids) for c in out.outputs)
                         elapsed = time.perf_counter() - start

@@ -19,15 +19,16 @@ def _check(bm: BlockManager, sched: Scheduler, live: list[Sequence], out, budget
     bm.check_invariants(live)
     assert out.num_tokens <= budget
     assert len(sched.running) <= max_seqs
-    ids = [s.seq.seq_id for s in out.scheduled]
+    ids = [seq.seq_id for seq in out.seqs]
     assert len(ids) == len(set(ids)), "a sequence was scheduled twice in one step"
-    for s in out.scheduled:
-        seq = s.seq
+    assert len(out.num_new_tokens) == len(out.completes_prompt) == len(out.seqs)
+    for seq, num_new, completes in zip(out.seqs, out.num_new_tokens, out.completes_prompt):
         assert seq.status == SequenceStatus.RUNNING
-        assert s.num_new_tokens >= 1
-        assert seq.num_computed_tokens + s.num_new_tokens <= seq.num_tokens
+        assert num_new >= 1
+        assert seq.num_computed_tokens + num_new <= seq.num_tokens
+        assert completes == (seq.num_computed_tokens + num_new == seq.num_tokens)
         # every slot written this step has a block, and that block is not shared with anyone
-        assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + s.num_new_tokens
+        assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens + num_new
         first = seq.num_computed_tokens // BLOCK
         if first < len(seq.block_table):
             assert bm.ref_counts[seq.block_table[first]] == 1, "write into a shared block"
@@ -83,12 +84,10 @@ def test_random_workload_keeps_block_accounting_exact(arrivals, abort_p, num_blo
         out = sched.schedule()
         _check(bm, sched, live, out, budget, max_seqs)
         if sched.has_work():
-            assert out.scheduled, "work waiting but nothing scheduled"
+            assert out.seqs, "work waiting but nothing scheduled"
         # what the engine does after the forward pass
-        for s in out.scheduled:
-            seq = s.seq
-            completes = s.completes_prompt
-            seq.num_computed_tokens += s.num_new_tokens
+        for seq, num_new, completes in zip(out.seqs, out.num_new_tokens, out.completes_prompt):
+            seq.num_computed_tokens += num_new
             bm.cache_full_blocks(seq)
             if not completes:
                 continue
@@ -118,16 +117,16 @@ def test_prefix_cache_hit_reuses_blocks_and_leaves_last_token():
     a = Sequence(Request("a", None, toks, SamplingParams()), 0, list(toks))
     sched.add(a)
     out = sched.schedule()
-    assert out.scheduled[0].num_new_tokens == 12
+    assert out.num_new_tokens[0] == 12
     a.num_computed_tokens = 12
     bm.cache_full_blocks(a)
     assert bm.num_cached_blocks == 3
     b = Sequence(Request("b", None, toks, SamplingParams()), 0, list(toks))
     sched.add(b)
     out = sched.schedule()
-    (sb,) = [s for s in out.scheduled if s.seq is b]
+    (num_new,) = [n for seq, n in zip(out.seqs, out.num_new_tokens) if seq is b]
     # the last block is recomputed so that the last prompt token yields logits
-    assert b.num_computed_tokens == 8 and sb.num_new_tokens == 4
+    assert b.num_computed_tokens == 8 and num_new == 4
     assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
 
 
@@ -145,7 +144,7 @@ def test_fork_shares_blocks_then_copies_partial_block_on_write():
     parent.token_ids.append(7)
     child.token_ids.append(8)
     out = sched.schedule()
-    assert {s.seq.seq_id for s in out.scheduled} == {parent.seq_id, child.seq_id}
+    assert {seq.seq_id for seq in out.seqs} == {parent.seq_id, child.seq_id}
     assert parent.block_table[0] == child.block_table[0]
     assert parent.block_table[1] != child.block_table[1]
     assert len(out.block_copies) == 1
@@ -168,7 +167,7 @@ def test_preemption_frees_newest_and_requeues_it_first():
         s.num_computed_tokens = 7
         s.token_ids += [1, 2]  # both now need a third block
     out = sched.schedule()
-    assert [s.seq for s in out.scheduled] == [seqs[0]]
+    assert out.seqs == [seqs[0]]
     assert out.num_preempted == 1 and sched.waiting[0] is seqs[1]
     assert seqs[1].block_table == [] and seqs[1].num_computed_tokens == 0
     bm.check_invariants([seqs[0]])

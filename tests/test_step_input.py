@@ -29,7 +29,7 @@ def test_mixed_batch_arrays_and_pickling():
     sched.add(a)
     sched.add(b)
     out = sched.schedule()  # a: 3 tokens (completes), b: the first 7 of 12 (a chunk)
-    assert [s.num_new_tokens for s in out.scheduled] == [3, 7]
+    assert out.num_new_tokens == [3, 7] and out.completes_prompt == [True, False]
     step = build_step_input(out, bm.table_array, bm.block_size)
     assert step.input_ids.tolist() == [0, 1, 2, *range(20, 27)]
     assert step.positions.tolist() == [0, 1, 2, *range(7)]

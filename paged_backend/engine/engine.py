@@ -16,7 +16,7 @@ from paged_backend.args import EngineArgs
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.detokenizer import Detokenizer
 from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
-from paged_backend.engine.sequence import PendingToken, Request, Sequence
+from paged_backend.engine.sequence import PendingToken, Request, Sequence, SequenceStatus
 from paged_backend.runtime.setup import EngineSetup, build_engine_parts
 from paged_backend.engine.stats import EngineStats
 from paged_backend.engine.step_builder import build_step_input, with_sampling
@@ -30,6 +30,7 @@ logger = logging.getLogger("paged_backend")
 
 PromptInput = Union[str, list[int]]
 _T = TypeVar("_T")
+_FINISHED = SequenceStatus.FINISHED
 _SEED_MOD = 2**63  # SamplingParams bounds seed below this; siblings' seeds wrap instead of overflowing
 
 
@@ -206,12 +207,12 @@ class Engine:
                 outputs.extend(self._guarded(done.request_ids, [], self._finish, done, emit_unfinished))
 
         launched = None
-        if sched.scheduled:
-            ids = lambda: list(dict.fromkeys(s.seq.request.request_id for s in sched.scheduled))  # noqa: E731
+        if sched.seqs:
+            ids = lambda: list(dict.fromkeys(s.request.request_id for s in sched.seqs))  # noqa: E731
             launched = self._guarded(ids, None, self._launch, sched, finish_in_flight if in_flight else None)
         if self._in_flight is not None:
             finish_in_flight()
-        elif launched is None and not sched.scheduled and self.scheduler.has_work():
+        elif launched is None and not sched.seqs and self.scheduler.has_work():
             raise RuntimeError("scheduler could not run anything although requests are waiting")
         if launched is not None and not self.overlap_steps:
             outputs += self._guarded(launched.request_ids, [], self._finish, launched, emit_unfinished)
@@ -256,41 +257,51 @@ class Engine:
         """Launch sched's step. meanwhile (the previous step's post-processing) runs while this
         step's grammar masks are filled in a worker thread, if it has any to fill."""
         self.num_steps += 1
-        self.max_seqs_in_step = max(self.max_seqs_in_step, len(sched.scheduled))
-        step = build_step_input(sched, self.block_manager.table_array, self.block_manager.block_size)
+        self.max_seqs_in_step = max(self.max_seqs_in_step, len(sched.seqs))
+        bm = self.block_manager
+        step = build_step_input(sched, bm.table_array, bm.block_size)
 
         rows: list[SamplingRow] = []
         row_seqs: list[Sequence] = []
         sample_from: list[int] = []
         num_logit_rows = 0
+        constrained = reads_history = False
         now = time.time()
-        cache = self.block_manager.cache_full_blocks
-        for s in sched.scheduled:
-            seq = s.seq
+        # (runs for every sequence in every step: the block-hash registration is called only when a
+        # block may have filled, a sequence's unchanging sampling row is reused without a call)
+        cache, bs = (bm.cache_full_blocks if bm.enable_prefix_caching else None), bm.block_size
+        for seq, num_new, completes in zip(sched.seqs, sched.num_new_tokens, sched.completes_prompt):
             req = seq.request
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = seq.num_computed_tokens
-            completes = s.completes_prompt
-            seq.num_computed_tokens += s.num_new_tokens
-            cache(seq)
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + num_new
+            if cache is not None and computed // bs > seq.num_hashed_blocks:
+                cache(seq)
             if not completes:
                 continue
-            for member in self._fork(seq):  # forked siblings sample from the same logits row
-                rows.append(self._sampling_row(member))
-                row_seqs.append(member)
+            constrained = constrained or req.grammar is not None
+            reads_history = reads_history or req.reads_history
+            if seq.pending_forks:  # forked siblings sample from the same logits row
+                for member in self._fork(seq):
+                    rows.append(self._sampling_row(member))
+                    row_seqs.append(member)
+                    sample_from.append(num_logit_rows)
+            else:
+                row = seq.sampling_row
+                rows.append(row if row is not None and not req.reads_history else self._sampling_row(seq))
+                row_seqs.append(seq)
                 sample_from.append(num_logit_rows)
             num_logit_rows += 1
         released, self._released_seeds = self._released_seeds, []
         # The grammar masks are filled after the forward pass is launched (see _pending_token).
-        masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out, meanwhile)) if self.structured.any(row_seqs) else None
+        masks = (lambda out: self.structured.bitmask(row_seqs, self._pending_token, out, meanwhile)) if constrained else None
         sampled = self.runner.execute(with_sampling(step, rows, sample_from, released), grammar_mask=masks)
         step_no = self.num_steps
         for k, seq in enumerate(row_seqs):
             # every token it knows of is computed now; the one just sampled is the next
             seq.pending = PendingToken(step_no, k, seq.num_computed_tokens + 1 >= seq.request.token_limit)
-        overlappable = not any(seq.request.reads_history for seq in row_seqs)
-        return _LaunchedStep(self.num_steps, row_seqs, sampled, overlappable)
+        return _LaunchedStep(self.num_steps, row_seqs, sampled, not reads_history)
 
     def _pending_token(self, seq: Sequence) -> Optional[int]:
         """seq's token sampled by the step in flight and not appended yet (None if it has none).
@@ -306,18 +317,21 @@ class Engine:
             return []
         out = launched.sampled.resolve()
         now = time.time()
-        touched: dict[str, Request] = {}
-        step, append, cache = launched.step, self._append_token, self.block_manager.cache_full_blocks
+        touched: dict[str, Request] = {}  # the requests to report (without emit_unfinished: those a sequence of which ended)
+        step, append, bm = launched.step, self._append_token, self.block_manager
+        cache, bs = (bm.cache_full_blocks if bm.enable_prefix_caching else None), bm.block_size
         for seq, token, logprob, top in zip(launched.row_seqs, out.token_ids, out.logprobs, out.top_logprobs):
             pending = seq.pending
             if pending is not None and pending.step == step:
                 seq.pending = None  # (a later step may already have sampled its next token)
-            if seq.finished:  # stopped by an earlier token, or aborted: this one is dropped
+            if seq.status is _FINISHED:  # stopped by an earlier token, or aborted: this one is dropped
                 continue
             append(seq, token, logprob, top, now)
-            cache(seq)
-            req = seq.request
-            touched[req.request_id] = req
+            if cache is not None and min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_hashed_blocks:
+                cache(seq)
+            if emit_unfinished or seq.status is _FINISHED:
+                req = seq.request
+                touched[req.request_id] = req
         outputs = []
         for req in touched.values():
             if req.finished:

@@ -17,26 +17,21 @@ from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
-    completes_prompt: bool  # after this step every known token of seq has K/V: its next token is sampled
-
-    @classmethod
-    def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSeq":
-        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_total_tokens)
-
-
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSeq]
+    """The step's sequences in schedule order and, index for index, how many new tokens each computes
+    and whether that completes its known tokens (then its next token is sampled). Parallel lists, not
+    one object per sequence: a step schedules hundreds and the host builds this every few milliseconds."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    completes_prompt: list[bool]
     block_copies: list[tuple[int, int]]  # copy-on-write (src, dst) to run before the forward
     num_preempted: int
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(self.num_new_tokens)
 
 
 class Scheduler:
@@ -63,47 +58,63 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        seqs: list[Sequence] = []
+        num_new_tokens: list[int] = []
+        completes: list[bool] = []
         preempted = 0
         bm = self.block_manager
+        bs, ref_counts = bm.block_size, bm.ref_counts
+        running = self.running
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.pending is not None and seq.pending.is_last:  # its last token is still on the device: nothing more to compute
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            pending = seq.pending
+            if pending is not None and pending.is_last:  # its last token is still on the device: nothing more to compute
                 i += 1
                 continue
-            num_new = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
-            while not bm.allocate_slots(seq, num_new):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted += 1
-                if victim is seq:
+            total = len(seq.token_ids) + (pending is not None)
+            computed = seq.num_computed_tokens
+            num_new = min(total - computed, budget)
+            table = seq.block_table
+            # (a decode token that goes into a block the sequence holds alone needs nothing allocated)
+            if not (num_new == 1 and computed < len(table) * bs and ref_counts[table[computed // bs]] == 1):
+                while not bm.allocate_slots(seq, num_new):
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted += 1
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:  # it preempted itself: nothing after it runs
                     break
-            else:
-                scheduled.append(ScheduledSeq.of(seq, num_new))
-                budget -= num_new
-                i += 1
+            seqs.append(seq)
+            num_new_tokens.append(num_new)
+            completes.append(computed + num_new == total)
+            budget -= num_new
+            i += 1
 
         # Admit waiting sequences only in steps without preemption: memory is short otherwise.
         # A sequence still to fork holds slots for its siblings.
-        slots_used = sum(1 + s.pending_forks for s in self.running)
-        while not preempted and self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if slots_used + 1 + seq.pending_forks > self.max_num_seqs or seq.pending is not None:
-                break  # (a preempted sequence waits for its last sampled token before it re-runs)
-            allocated = bm.allocate_new(seq, budget)
-            if allocated is None:
-                break
-            seq.num_computed_tokens, num_new = allocated  # a prefix-cache hit is already computed
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(ScheduledSeq.of(seq, num_new))
-            budget -= num_new
-            slots_used += 1 + seq.pending_forks
+        if self.waiting and not preempted and budget > 0:
+            slots_used = sum(1 + s.pending_forks for s in running)
+            while self.waiting and budget > 0:
+                seq = self.waiting[0]
+                if slots_used + 1 + seq.pending_forks > self.max_num_seqs or seq.pending is not None:
+                    break  # (a preempted sequence waits for its last sampled token before it re-runs)
+                allocated = bm.allocate_new(seq, budget)
+                if allocated is None:
+                    break
+                seq.num_computed_tokens, num_new = allocated  # a prefix-cache hit is already computed
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                running.append(seq)
+                seqs.append(seq)
+                num_new_tokens.append(num_new)
+                completes.append(seq.num_computed_tokens + num_new == seq.num_total_tokens)
+                budget -= num_new
+                slots_used += 1 + seq.pending_forks
 
-        return SchedulerOutput(scheduled, bm.take_pending_copies(), preempted)
+        return SchedulerOutput(seqs, num_new_tokens, completes, bm.take_pending_copies(), preempted)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -7,22 +7,27 @@ gets a pending-token source instead of an id.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 
 from paged_backend.engine.scheduler import SchedulerOutput
 from paged_backend.runtime.sampling_row import SamplingRow
 from paged_backend.runtime.step_input import StepInput, table_width
 
+_computed = attrgetter("num_computed_tokens")
+_table_row = attrgetter("table_row")
+
 
 def build_step_input(sched: SchedulerOutput, table_array: np.ndarray, block_size: int) -> StepInput:
     """The model inputs of sched, read before the step advances any sequence (num_computed_tokens
     is what is cached before this step). The engine adds the sampling rows (`with_sampling`)."""
-    sc = sched.scheduled
-    b = len(sc)
-    n = np.fromiter((s.num_new_tokens for s in sc), np.int64, b)
-    start = np.fromiter((s.seq.num_computed_tokens for s in sc), np.int64, b)
-    rows = np.fromiter((s.seq.table_row for s in sc), np.int64, b)
-    completes = np.fromiter((s.completes_prompt for s in sc), bool, b)
+    seqs = sched.seqs
+    b = len(seqs)
+    n = np.array(sched.num_new_tokens, np.int64)
+    start = np.fromiter(map(_computed, seqs), np.int64, b)
+    rows = np.fromiter(map(_table_row, seqs), np.int64, b)
+    completes = np.array(sched.completes_prompt, bool)
     seq_lens = start + n
     max_seq_len = int(seq_lens.max())
     qsl = np.zeros(b + 1, np.int64)
@@ -34,10 +39,10 @@ def build_step_input(sched: SchedulerOutput, table_array: np.ndarray, block_size
     ids: list[int] = []
     pending_dst: list[int] = []
     pending_src: list[int] = []
-    for s in sc:
-        seq, first = s.seq, s.seq.num_computed_tokens
+    for seq, num_new in zip(seqs, sched.num_new_tokens):
+        first = seq.num_computed_tokens
         if first < len(seq.token_ids):
-            ids.extend(seq.token_ids[first : first + s.num_new_tokens])
+            ids.extend(seq.token_ids[first : first + num_new])
         else:  # its one new token was sampled last step and is still only on the device
             pending_dst.append(len(ids))
             pending_src.append(seq.pending.row)
