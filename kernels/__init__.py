@@ -6,11 +6,11 @@ Public entry points (the contract in DESIGN.md):
                     sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None,
                     k_scale=1.0, v_scale=1.0)
     copy_blocks(kv_caches, src, dst)
-    quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
 and the element-wise ops the models run around them, and the sampler's greedy choice (triton_fused.py,
 one kernel each on CUDA):
-    rms_norm(x, weight, eps, residual=None, *, gemma=False)
-    gated_activation(x, activation)
+    quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
+    rms_norm(x, weight, eps, residual=None, *, gemma=False, fp8_out=False)
+    gated_activation(x, activation, *, fp8_out=False)   # fp8_out: quantized as quantize_fp8_rows does, fused
     rotary(x, cos, sin)
     greedy_sample(logits)                         # argmax per row and its log-probability
 
@@ -209,7 +209,7 @@ def quantize_fp8_rows(x: torch.Tensor, *, impl: str | None = None) -> tuple[torc
     +-448, scale [M, 1] fp32 = max(amax of the row / 448, 1e-12)). One kernel on CUDA."""
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} must be a 2-D float tensor [M, K]")
-    return _pick(impl, x).quantize_fp8_rows(x)
+    return _pick(impl, x, "triton_fused").quantize_fp8_rows(x)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -228,25 +228,30 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     *,
     gemma: bool = False,
+    fp8_out: bool = False,
     impl: str | None = None,
 ):
     """RMSNorm over the last dim. With residual: (norm(x + residual), x + residual), the sum in x's
     dtype. Llama style scales by weight after casting back to x's dtype; gemma=True scales by
-    (1 + weight) in fp32."""
+    (1 + weight) in fp32. fp8_out: the norm, in x's dtype, comes back as `quantize_fp8_rows` of it
+    ([rows, N] fp8 and [rows, 1] scales), computed in the same pass (for an fp8 linear after it)."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight {tuple(weight.shape)} must be [{x.shape[-1]}] for x {tuple(x.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-    return _pick(impl, x, "triton_fused").rms_norm(x, weight, eps, residual, gemma)
+    if fp8_out and not gemma and torch.promote_types(weight.dtype, x.dtype) != x.dtype:
+        raise ValueError(f"fp8_out needs the norm's output in x's dtype {x.dtype}, but weight is {weight.dtype}")
+    return _pick(impl, x, "triton_fused").rms_norm(x, weight, eps, residual, gemma, fp8_out)
 
 
-def gated_activation(x: torch.Tensor, activation: str, *, impl: str | None = None) -> torch.Tensor:
-    """act(gate) * up for x = cat(gate, up) on the last dim; activation "silu", "gelu_tanh" or "gelu"."""
+def gated_activation(x: torch.Tensor, activation: str, *, fp8_out: bool = False, impl: str | None = None):
+    """act(gate) * up for x = cat(gate, up) on the last dim; activation "silu", "gelu_tanh" or "gelu".
+    fp8_out: the result comes back as `quantize_fp8_rows` of it, computed in the same pass."""
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"activation {activation!r}: expected one of {sorted(reference.ACTIVATIONS)}")
     if x.shape[-1] % 2:
         raise ValueError(f"the last dim of x {tuple(x.shape)} must be even: cat(gate, up)")
-    return _pick(impl, x, "triton_fused").gated_activation(x, activation)
+    return _pick(impl, x, "triton_fused").gated_activation(x, activation, fp8_out)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:

@@ -376,7 +376,12 @@ def dense_attention_oracle(q, k, v, q_pos, k_pos, scale, sliding_window=None, so
 
 
 # ---- element-wise ops: the models' own torch code, identical to transformers' -------------------
-def rms_norm(x, weight, eps, residual=None, gemma=False):
+def rms_norm(x, weight, eps, residual=None, gemma=False, fp8_out=False):
+    if fp8_out:  # the unfused arithmetic: the norm in x's dtype, then per-row fp8
+        out = rms_norm(x, weight, eps, residual, gemma)
+        if residual is None:
+            return quantize_fp8_rows(out.reshape(-1, x.shape[-1]))
+        return quantize_fp8_rows(out[0].reshape(-1, x.shape[-1])), out[1]
     if residual is not None:
         x = x + residual
         residual = x
@@ -400,9 +405,10 @@ ACTIVATIONS = {
 }
 
 
-def gated_activation(x, activation):
+def gated_activation(x, activation, fp8_out=False):
     gate, up = x.chunk(2, dim=-1)
-    return ACTIVATIONS[activation](gate) * up
+    out = ACTIVATIONS[activation](gate) * up
+    return quantize_fp8_rows(out.reshape(-1, out.shape[-1])) if fp8_out else out
 
 
 def rotary(x, cos, sin):

@@ -1,20 +1,30 @@
 """Triton kernels for the element-wise work around attention and the MLP: RMSNorm with the residual
-add folded in, the gated activations (act(gate) * up) and the rotary embedding; and the greedy
-choice over the logits (argmax and its log-probability in one pass). Each is one kernel where the
+add folded in, the gated activations (act(gate) * up), the rotary embedding and the per-row fp8
+quantization of activations (quantization="fp8"; RMSNorm and the gated activations can quantize
+their own output in the same pass, for a consumer that is an fp8 linear); and the greedy choice
+over the logits (argmax and its log-probability in one pass). Each is one kernel where the
 plain-torch twins in reference.py run a chain of small ops; in a decode step, at a few hundred
 tokens, those chains were hundreds of tiny launches per forward pass.
 
 Same numerics as the twins: wherever a twin rounds an intermediate to the model dtype (torch ops on
 bf16 tensors round after each op), the kernel rounds it too; the rest is computed in fp32. Like
 triton_impl.py this module is self-contained and calls only Triton builtins, because
-kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors.
+kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors (the one helper it
+takes from triton_impl, the interpreter's fp8 rounding, comes through `_triton_module` in the same mode).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from . import _triton_module
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_fp8_bits = _triton_module(_INTERPRETED, "triton_impl")._fp8_bits
 
 
 @triton.jit
@@ -38,10 +48,55 @@ _max_combine = getattr(tl.standard, "_elementwise_max", _own_max)
 
 
 @triton.jit
+def _fp8_row(x, offs, mask, q_ptr, s_ptr, row, N, SOFT_FP8: tl.constexpr):
+    """Store one row of x (fp32, whole, 0 where masked) as float8_e4m3fn x / scale at q_ptr's row and
+    scale = max(amax(|x|) / 448, 1e-12) at s_ptr[row]: the per-token activation scale of fp8 linears."""
+    scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max_combine) / 448.0, 1e-12)
+    y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    if SOFT_FP8:
+        q = _fp8_bits(y).to(q_ptr.dtype.element_ty, bitcast=True)
+    else:
+        q = y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(q_ptr + row * N + offs, q, mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, N, BLOCK: tl.constexpr, SOFT_FP8: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    _fp8_row(x, offs, mask, q_ptr, s_ptr, row, N, SOFT_FP8)
+
+
+def _fp8_rows_out(m, n, device):
+    return (torch.empty(m, n, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(m, 1, dtype=torch.float32, device=device))
+
+
+def _row_warps(block):
+    """Warps for one program holding a whole row of `block` values (a few dozen registers a thread)."""
+    return max(4, min(32, block // 512))
+
+
+def quantize_fp8_rows(x):
+    m, n = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q, scale = _fp8_rows_out(m, n, x.device)
+    if m:
+        block = triton.next_power_of_2(n)
+        _quantize_rows_kernel[(m,)](x, q, scale, x.stride(0), n, BLOCK=block, SOFT_FP8=_INTERPRETED,
+                                    num_warps=8 if block >= 4096 else 4)
+    return q, scale
+
+
+@triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr,
     stride_x, stride_r, N, eps,
-    HAS_RES: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, GEMMA: tl.constexpr, FP8_OUT: tl.constexpr, SOFT_FP8: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -59,18 +114,24 @@ def _rms_norm_kernel(
         out = h * (1.0 + w)
     else:
         out = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w  # weight * x.to(dtype)
-    tl.store(out_ptr + row * N + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:  # the output rounded to x's dtype (what the unfused path stores), then quantized per row
+        _fp8_row(out.to(x_ptr.dtype.element_ty).to(tl.float32), offs, mask, out_ptr, scale_ptr, row, N, SOFT_FP8)
+    else:
+        tl.store(out_ptr + row * N + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x, weight, eps, residual=None, gemma=False):
+def rms_norm(x, weight, eps, residual=None, gemma=False, fp8_out=False):
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+    if fp8_out:
+        out, scale = _fp8_rows_out(rows, n, x.device)
+    else:
+        out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+        out = scale = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if residual is not None:
         r2 = residual.reshape(-1, n)
         if r2.stride(1) != 1:
@@ -79,11 +140,13 @@ def rms_norm(x, weight, eps, residual=None, gemma=False):
     else:
         r2 = res_out = x2
     if rows:
+        block = triton.next_power_of_2(n)
         _rms_norm_kernel[(rows,)](
-            x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, eps,
-            HAS_RES=residual is not None, GEMMA=gemma, BLOCK=triton.next_power_of_2(n),
+            x2, r2, weight, out, res_out, scale, x2.stride(0), r2.stride(0), n, eps,
+            HAS_RES=residual is not None, GEMMA=gemma, FP8_OUT=fp8_out, SOFT_FP8=fp8_out and _INTERPRETED,
+            BLOCK=block, num_warps=_row_warps(block) if fp8_out else 4,
         )
-    out = out.view(shape)
+    out = (out, scale) if fp8_out else out.view(shape)
     return out if residual is None else (out, res_out.view(shape))
 
 
@@ -91,10 +154,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
 @triton.jit
-def _gated_kernel(x_ptr, out_ptr, stride_x, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+def _gated(x_ptr, row, stride_x, I, cols, mask, ACT: tl.constexpr):
+    """act(gate) * up at `cols` of one row, in fp32, rounded as torch's ops on x's dtype round it."""
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
     if ACT == 0:
@@ -104,19 +165,46 @@ def _gated_kernel(x_ptr, out_ptr, stride_x, I, ACT: tl.constexpr, BLOCK: tl.cons
         a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 1 + tanh(y) = 2 / (1 + e^-2y)
     else:
         a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    a = a.to(out_ptr.dtype.element_ty).to(tl.float32)  # torch rounds the activation before the product
-    tl.store(out_ptr + row * I + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+    a = a.to(x_ptr.dtype.element_ty).to(tl.float32)  # torch rounds the activation before the product
+    return (a * u).to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
-def gated_activation(x, activation):
+@triton.jit
+def _gated_kernel(x_ptr, out_ptr, stride_x, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    tl.store(out_ptr + row * I + cols, _gated(x_ptr, row, stride_x, I, cols, mask, ACT).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _gated_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, I, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                      SOFT_FP8: tl.constexpr):
+    # One program per row, the whole row at once: its amax is the fp8 scale.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < I
+    _fp8_row(_gated(x_ptr, row, stride_x, I, cols, mask, ACT), cols, mask, q_ptr, s_ptr, row, I, SOFT_FP8)
+
+
+def gated_activation(x, activation, fp8_out=False):
     i = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * i)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty((x2.shape[0], i), dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if fp8_out:
+        q, scale = _fp8_rows_out(rows, i, x.device)
+        if rows:
+            block = triton.next_power_of_2(i)
+            _gated_fp8_kernel[(rows,)](x2, q, scale, x2.stride(0), i, ACT=ACTIVATIONS[activation], BLOCK=block,
+                                       SOFT_FP8=_INTERPRETED, num_warps=_row_warps(block))
+        return q, scale
+    out = torch.empty((rows, i), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(i))
-    if x2.shape[0]:
-        _gated_kernel[(x2.shape[0], triton.cdiv(i, block))](
+    if rows:
+        _gated_kernel[(rows, triton.cdiv(i, block))](
             x2, out, x2.stride(0), i, ACT=ACTIVATIONS[activation], BLOCK=block
         )
     return out.view(*x.shape[:-1], i)

@@ -62,23 +62,6 @@ def _to_cache(x, inv_scale, cache_ptr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, N, BLOCK: tl.constexpr, SOFT_FP8: tl.constexpr):
-    """One row of x -> float8_e4m3fn x / scale and scale = max(amax(|x|) / 448, 1e-12) (fp8 activations)."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max_combine) / 448.0, 1e-12)
-    y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-    if SOFT_FP8:
-        q = _fp8_bits(y).to(q_ptr.dtype.element_ty, bitcast=True)
-    else:
-        q = y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(q_ptr + row * N + offs, q, mask=mask)
-    tl.store(s_ptr + row, scale)
-
-
-@triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr, inv_k_scale, inv_v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -384,19 +367,6 @@ def store_kv(key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         H=h, D=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
         FP8=fp8, SOFT_FP8=fp8 and _INTERPRETED,
     )
-
-
-def quantize_fp8_rows(x):
-    m, n = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m:
-        block = triton.next_power_of_2(n)
-        _quantize_rows_kernel[(m,)](x, q, scale, x.stride(0), n, BLOCK=block, SOFT_FP8=_INTERPRETED,
-                                    num_warps=8 if block >= 4096 else 4)
-    return q, scale
 
 
 @functools.lru_cache(maxsize=None)

@@ -175,3 +175,25 @@ def test_fp8_engine_end_to_end(tiny_model_dir):
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert model.lm_head.weight.dtype == torch.float32  # the LM head stays unquantized
     assert fp8.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_fp8_norms_and_activations_quantize_for_their_linear(tiny_model_dir, kind, monkeypatch):
+    """quantization="fp8": each norm or gated activation whose one reader is an fp8 linear hands it fp8 rows
+    (one kernel pass instead of two); the logprobs are exactly those of the unfused path."""
+    import paged_backend.runtime.shard as shard
+    from paged_backend.layers.quant import Fp8Rows
+
+    kw = dict(max_model_len=256, kv_cache_memory=16 << 20, quantization="fp8")
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+    with LLM(model=str(tiny_model_dir(kind)), **kw) as llm:
+        layer = llm.engine.runner.model.model.layers[0]
+        feeds = layer.fp8_feeds() + layer.mlp.fp8_feeds()
+        assert len(feeds) == 3 and all(producer.fp8_output for producer, _ in feeds)
+        assert isinstance(layer.mlp.act_fn(torch.randn(3, 2 * layer.mlp.down_proj.in_features)), Fp8Rows)
+        fused = [o.outputs[0].logprobs for o in llm.generate(["Hello there", "One two three"], params, use_tqdm=False)]
+    monkeypatch.setattr(shard, "fuse_fp8_inputs", lambda model: 0)
+    with LLM(model=str(tiny_model_dir(kind)), **kw) as llm:
+        assert not any(getattr(m, "fp8_output", False) for m in llm.engine.runner.model.modules())
+        plain = [o.outputs[0].logprobs for o in llm.generate(["Hello there", "One two three"], params, use_tqdm=False)]
+    assert fused == plain

@@ -71,6 +71,40 @@ def test_reference_rms_norm_is_transformers_bitwise(dtype, shape):
             assert torch.equal(kernels.rms_norm(x, hf.weight, 1e-6, gemma=gemma, impl="reference"), hf(x))
 
 
+def check_fp8_out(got, ref) -> None:
+    (q, s), (q_ref, s_ref) = got, ref
+    assert q.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape and s.shape == s_ref.shape == (q.shape[0], 1)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def fp8_out_cases(t, n, dtype, device, impl):
+    """The fused kernels' fp8 output (rms_norm both styles, with and without residual; the gated activations) is
+    byte for byte quantize_fp8_rows of the same implementation's unfused output."""
+    x = randn(t, n, dtype=dtype, device=device, seed=1) * 3
+    w = randn(n, dtype=dtype, device=device, seed=2)
+    res = randn(t, n, dtype=dtype, device=device, seed=3)
+    for gemma in (False, True):
+        for r in (None, res):
+            got = kernels.rms_norm(x, w, 1e-6, r, gemma=gemma, fp8_out=True, impl=impl)
+            unfused = kernels.rms_norm(x, w, 1e-6, r, gemma=gemma, impl=impl)
+            if r is not None:
+                assert torch.equal(got[1], unfused[1])
+                got, unfused = got[0], unfused[0]
+            check_fp8_out(got, kernels.quantize_fp8_rows(unfused, impl=impl))
+    g = randn(t, 2 * n, dtype=dtype, device=device, seed=4) * 2
+    for act in ("silu", "gelu_tanh", "gelu"):
+        got = kernels.gated_activation(g, act, fp8_out=True, impl=impl)
+        check_fp8_out(got, kernels.quantize_fp8_rows(kernels.gated_activation(g, act, impl=impl), impl=impl))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_out_is_the_unfused_quantization(dtype):
+    for impl in ("triton", "reference"):
+        fp8_out_cases(5, 200, dtype, "cpu", impl)  # 200: not a power of two
+    with pytest.raises(ValueError, match="fp8_out"):
+        kernels.rms_norm(randn(2, 8, dtype=torch.bfloat16), randn(8, dtype=torch.float32), 1e-6, fp8_out=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 def test_gated_activation(dtype, activation):
@@ -145,3 +179,12 @@ def test_gpu_real_shapes(dtype, t):
           kernels.rotary(x, freqs.cos(), freqs.sin(), impl="reference"), dtype)
     for n in (1, 256):
         check_greedy(n, 128256, dtype, "cuda", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 256, 8192])
+@pytest.mark.parametrize("n", [2048, 14336])
+def test_gpu_fp8_out_is_the_unfused_quantization(t, n):
+    """Bit for bit what the unfused kernels and quantize_fp8_rows write, at the models' widths (8B's MLP: 14336)."""
+    fp8_out_cases(t, n, torch.bfloat16, "cuda", None)

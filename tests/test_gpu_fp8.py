@@ -19,7 +19,7 @@ def test_gpu_fp8_linear_matches_fp32_twin(k, n, m):
     torch.nn.init.normal_(lin.weight, std=0.02)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fp8 = Fp8Linear.from_linear(lin)
-    assert _scaled_mm_ok(x, n)  # the tensor-core path, not the fallback
+    assert _scaled_mm_ok(x, x.dtype, n)  # the tensor-core path, not the fallback
     got = fp8(x)
     xq, xs = quantize_rows(x)
     twin = (xq.float() @ fp8.weight.float().t()) * xs * fp8.weight_scale + lin.bias.float()
@@ -34,7 +34,7 @@ def test_gpu_fp8_linear_fallback_shapes():
     lin = torch.nn.Linear(64, 40, bias=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     fp8 = Fp8Linear.from_linear(lin)
-    assert not _scaled_mm_ok(x, 40)
+    assert not _scaled_mm_ok(x, x.dtype, 40)
     assert ((fp8(x).float() - lin(x).float()).norm() / lin(x).float().norm()).item() < 0.06
 
 
@@ -57,3 +57,22 @@ def test_gpu_engine_fp8(tiny_model_dir):
     # The first token comes out of the prefill, the same launches in both; later ones may differ in split-K
     # count between graph and eager decode, and a random tiny model is full of near-ties.
     assert [t[:1] for t in graphs] == [t[:1] for t in plain]
+
+
+def test_gpu_fp8_fused_input_quantization_changes_nothing(tiny_model_dir, monkeypatch):
+    """Norms and gated activations quantizing for their fp8 linear (fuse_fp8_inputs) under CUDA graphs: the
+    same logprobs, bit for bit, as the separate quantize kernel."""
+    import paged_backend.runtime.shard as shard
+    from paged_backend import LLM, SamplingParams
+
+    kw = dict(model=str(tiny_model_dir("llama")), dtype="bfloat16", max_model_len=256, quantization="fp8",
+              max_num_seqs=8, gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True)
+    prompts = ["Hello there", "One two three four", "The quick brown fox"]
+    with LLM(**kw) as llm:
+        assert llm.engine.runner.model.model.layers[0].input_layernorm.fp8_output
+        fused = [o.outputs[0].logprobs for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(shard, "fuse_fp8_inputs", lambda model: 0)
+    with LLM(**kw) as llm:
+        plain = [o.outputs[0].logprobs for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert fused == plain

@@ -7,24 +7,30 @@ import torch
 from torch import nn
 
 from paged_backend import kernels
+from paged_backend.layers.quant import Fp8Rows
 
 
-class SiluAndMul(nn.Module):
+class _Gated(nn.Module):
+    kind = "silu"
+    fp8_output = False  # its output comes as Fp8Rows (its one reader is an fp8 linear: layers.quant.fuse_fp8_inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | Fp8Rows:
+        if self.fp8_output:
+            return Fp8Rows(*kernels.gated_activation(x, self.kind, fp8_out=True), x.dtype)
+        return kernels.gated_activation(x, self.kind)
+
+
+class SiluAndMul(_Gated):
     """silu(gate) * up, where the input is cat(gate, up) along the last dim (Llama family)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.gated_activation(x, "silu")
 
-
-class GeluAndMul(nn.Module):
+class GeluAndMul(_Gated):
     """gelu(gate) * up (GeGLU); approximate="tanh" for Gemma."""
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.gated_activation(x, "gelu_tanh" if self.approximate == "tanh" else "gelu")
+        self.kind = "gelu_tanh" if approximate == "tanh" else "gelu"
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from paged_backend import kernels
+from paged_backend.layers.quant import Fp8Rows
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +21,7 @@ class RMSNorm(nn.Module):
     """
 
     gemma = False
+    fp8_output = False  # its output comes as Fp8Rows (its one reader is an fp8 linear: layers.quant.fuse_fp8_inputs)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -27,7 +29,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return kernels.rms_norm(x, self.weight, self.eps, residual, gemma=self.gemma)
+        out = kernels.rms_norm(x, self.weight, self.eps, residual, gemma=self.gemma, fp8_out=self.fp8_output)
+        if not self.fp8_output:
+            return out
+        return Fp8Rows(*out, x.dtype) if residual is None else (Fp8Rows(*out[0], x.dtype), out[1])
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

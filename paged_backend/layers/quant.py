@@ -13,6 +13,8 @@ the models we serve and the most sensitive to rounding.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -23,9 +25,23 @@ from paged_backend.layers.parallel import RowParallelLinear, TPGroup
 quantize_rows = kernels.quantize_fp8_rows
 
 
-def _scaled_mm_ok(x: torch.Tensor, n: int) -> bool:
+class Fp8Rows(NamedTuple):
+    """Activations quantized per row (as `quantize_rows` does) by the kernel that produced them: a norm or
+    gated activation whose one reader is an Fp8Linear (`fuse_fp8_inputs`) writes these instead of dtype
+    values, and the linear skips its own quantization pass."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M, 1] fp32
+    dtype: torch.dtype  # of the activations they stand for (the linear's output dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def _scaled_mm_ok(x: torch.Tensor, dtype: torch.dtype, n: int) -> bool:
     # _scaled_mm's rowwise-scaled fp8 GEMM: CUDA, bf16 output, K and N multiples of 16.
-    return x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and n % 16 == 0
+    return x.is_cuda and dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and n % 16 == 0
 
 
 class Fp8Linear(nn.Module):
@@ -52,14 +68,17 @@ class Fp8Linear(nn.Module):
         tp = linear.tp if isinstance(linear, RowParallelLinear) else None
         return cls(w_q, w_scale, bias, getattr(linear, "shard_sizes", None), tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_rows(x2)
-        if _scaled_mm_ok(x2, self.out_features):
-            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        if isinstance(x, Fp8Rows):  # quantized by the kernel that produced them
+            x_q, x_scale, dtype = x
         else:
-            y = ((x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale).to(x.dtype)
+            x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+            dtype = x.dtype
+        if _scaled_mm_ok(x_q, dtype, self.out_features):
+            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=dtype)
+        else:
+            y = ((x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale).to(dtype)
         if self.row_parallel is not None:  # this rank's input features only: sum the ranks' products
             y = self.row_parallel.all_reduce(y)
         if self.bias is not None:
@@ -87,6 +106,20 @@ def quantize_linears_fp8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",))
         setattr(parent, attr, Fp8Linear.from_linear(linear))
         linear.weight = None  # drop the unquantized copy now, not at the end of the walk
     return len(targets)
+
+
+def fuse_fp8_inputs(model: nn.Module) -> int:
+    """Where a model declares that a producer's output has one reader, a linear (a module's `fp8_feeds()`:
+    (producer, linear) pairs), and that linear is an Fp8Linear, the producer (a norm or gated activation,
+    `fp8_output`) quantizes its output in its own kernel: one pass over the activations instead of two.
+    The same fp8 values and scales either way. Returns how many producers were switched."""
+    switched = 0
+    for module in model.modules():
+        for producer, linear in module.fp8_feeds() if hasattr(module, "fp8_feeds") else ():
+            if isinstance(linear, Fp8Linear) and hasattr(producer, "fp8_output"):
+                producer.fp8_output = True
+                switched += 1
+    return switched
 
 
 def weight_bytes(model: nn.Module) -> int:

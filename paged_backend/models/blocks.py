@@ -104,3 +104,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+    def fp8_feeds(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.act_fn, self.down_proj)]  # (layers.quant.fuse_fp8_inputs)

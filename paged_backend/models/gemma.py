@@ -72,6 +72,12 @@ class GemmaDecoderLayer(nn.Module):
         hidden = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
         return residual + hidden
 
+    def fp8_feeds(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The norms whose one reader is a linear (layers.quant.fuse_fp8_inputs); Gemma 2/3's post-attention
+        norm feeds the residual add instead."""
+        before_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+        return [(self.input_layernorm, self.self_attn.qkv_proj), (before_mlp, self.mlp.gate_up_proj)]
+
 
 class GemmaModel(nn.Module):
     def __init__(self, config, tp: TPGroup = SINGLE):

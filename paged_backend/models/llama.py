@@ -57,6 +57,10 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def fp8_feeds(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Each norm's one reader (layers.quant.fuse_fp8_inputs)."""
+        return [(self.input_layernorm, self.self_attn.qkv_proj), (self.post_attention_layernorm, self.mlp.gate_up_proj)]
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config, tp: TPGroup = SINGLE):

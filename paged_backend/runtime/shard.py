@@ -16,7 +16,7 @@ import torch.distributed as dist
 from paged_backend.args import EngineArgs
 from paged_backend.layers.parallel import SINGLE, TPGroup
 from paged_backend.layers.linear import use_input_major_weights
-from paged_backend.layers.quant import quantize_linears_fp8
+from paged_backend.layers.quant import fuse_fp8_inputs, quantize_linears_fp8
 from paged_backend.loader import ModelLoadError, init_dummy_weights, iter_weight_slices, iter_weights, resolve_model
 from paged_backend.loader.quantization import KV_SCALE_SUFFIXES
 from paged_backend.models.registry import get_model_class, resolve_impl
@@ -118,8 +118,9 @@ def build_shard(
         source = source or resolve_model(args.model, load_format=args.load_format)
         model = build_model(source, spec, device, tp)
         if spec.quantization == "fp8":
-            n = quantize_linears_fp8(model)
-            logger.info("fp8 weights: %d linear layers quantized to float8_e4m3fn (per-channel scales)", n)
+            n, fused = quantize_linears_fp8(model), fuse_fp8_inputs(model)
+            logger.info("fp8 weights: %d linear layers quantized to float8_e4m3fn (per-channel scales); "
+                        "%d norms / activations quantize their output for them", n, fused)
         if device.type == "cpu":
             use_input_major_weights(model)
     elif spec.quantization == "fp8":  # quantizing would rewrite the caller's own model object
