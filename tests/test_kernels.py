@@ -301,11 +301,12 @@ def test_gpu_triton_matches_reference(dtype, d):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_split_k_decode(dtype):
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_split_k_decode(dtype, d):
     lens = [5000, 31, 2048, 777]
-    batch = make_batch([1] * 4, lens, 32, 8, 128, dtype=dtype, device="cuda", seed=4)
-    got = run_attention(batch, 128**-0.5, "triton")  # 4 seqs x 8 heads: the heuristic splits
-    ref = run_attention(batch, 128**-0.5, "reference")
+    batch = make_batch([1] * 4, lens, 32, 8, d, dtype=dtype, device="cuda", seed=4)
+    got = run_attention(batch, d**-0.5, "triton")  # 4 seqs x 8 heads: the heuristic splits
+    ref = run_attention(batch, d**-0.5, "reference")
     assert rel_err(got, ref) <= TOL[dtype]
 
 
