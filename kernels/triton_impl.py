@@ -380,7 +380,8 @@ def _launch_config(max_query_len: int, g: int, d: int, decode: bool, fp8: bool =
         block_m = max(16, triton.next_power_of_2(g))
         if fp8:  # twice the keys per tile: the bytes of a 2-byte tile (at head_dim 128 2 warps spill)
             return (block_m, 128, 2, 4) if d <= 64 else (block_m, 128, 4, 3) if d <= 128 else (block_m, 64, 4, 3)
-        # (five stages at head_dim <= 64: 1.04x at workload-A contexts, 1.19x split-K at 16 x 4k on an H200, never slower)
+        # (five stages at head_dim <= 64, on an H200: 1.04x at workload-A contexts, 1.18x split-K at 16 x 4k,
+        # 0.99x at 256 x 4k)
         return (block_m, 64, 2, 5 if d <= 64 else 4) if d <= 128 else (block_m, 32, 4, 3)
     big = 128 if d <= 128 else 64
     block_m = min(big, max(16, triton.next_power_of_2(max_query_len * g)))

@@ -31,6 +31,10 @@ def test_bench_throughput_with_peers_json_and_plot(tmp_path, capsys):
     assert data["floor"]["total_per_op_s"] >= data["floor"]["total_s"] and 0 < ours["roofline_per_op_fraction"]
     assert data["rates"]["copy_bytes_per_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from paged_backend.bench.plot import write_variants_plot  # gpu_fp8.sh's one PNG of several reports
+
+    write_variants_plot(str(tmp_path / "v.png"), [data, data])
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "paged-backend" in printed and "hf-generate-batch" in printed and "roofline" in printed
     assert "decode step at batch 4" in printed and "prefill 4 x 24 tokens" in printed

@@ -3,7 +3,7 @@
 #   bash paged_backend/bench/gpu_fp8.sh            # results under $OUT (default ./fp8_results)
 # 1. the fp8 GPU tests; 2. the fp8 kernel/linear bench; 3. workload A (256 prompts, input U[100,1024],
 # 256 output tokens, greedy) for the Llama-3.2-1B and Llama-3-8B shapes with bf16, fp8 weights, and fp8
-# weights + fp8 KV cache; a table of the six runs last.
+# weights + fp8 KV cache; a table of the six runs last and one PNG of them (workload_a_fp8.png).
 set -u
 OUT=${OUT:-./fp8_results}
 mkdir -p "$OUT"
@@ -46,6 +46,12 @@ for model in ("llama-3.2-1b", "llama-3-8b"):
         print(f"{model:14s} {variant:7s} {r['seconds']:8.2f} {r['output_tok_per_s']:10.0f} "
               f"{base / r['seconds']:7.2f}x {r['roofline_fraction']:9.1%} {rep['weight_bytes'] / 2**30:12.2f} "
               f"{rep['kv_bytes_per_token']:9d}")
+reports = [json.loads(f.read_text()) for f in (out / f"workload_a_{m}_{v}.json" for m in ("llama-3.2-1b", "llama-3-8b")
+           for v in ("bf16", "fp8", "fp8kv")) if f.is_file()]
+if reports:
+    from paged_backend.bench.plot import write_variants_plot
+    write_variants_plot(str(out / "workload_a_fp8.png"), reports)
+    print(f"plot: {out / 'workload_a_fp8.png'}")
 k = out / "fp8_kernels.json"
 if k.is_file():
     rep = json.loads(k.read_text())

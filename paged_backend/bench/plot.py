@@ -66,3 +66,49 @@ def write_serve_plot(path: str, report: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_variants_plot(path: str, reports: list[dict]) -> None:
+    """One PNG for several `bench throughput` JSON reports of the same run (e.g. bf16 / fp8 / fp8 + fp8 KV of
+    each shape, as paged_backend/bench/gpu_fp8.sh runs them): output tok/s per variant with its speed-up over
+    the shape's first report and its own roofline fraction, and each run's tokens/s over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def label(rep: dict) -> str:
+        kv = str(rep["kv_cache_dtype"]).replace("torch.", "")
+        kv = "fp8 KV" if "float8" in kv else f"KV {kv}"
+        return f"{rep['model']} {rep['quantization'] or 'bf16'} weights, {kv}"
+
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(14, 0.6 * len(reports) + 3))
+    first: dict[str, float] = {}
+    names, speeds, notes = [], [], []
+    for rep in reports:
+        r = rep["results"][0]
+        speed = r["output_tokens"] / r["seconds"]
+        base = first.setdefault(rep["model"], speed)
+        names.append(label(rep))
+        speeds.append(speed)
+        notes.append(f" {speed:,.0f} ({speed / base:.2f}x, {r['roofline_fraction']:.0%} of its roofline)")
+        timeline = rep.get("timeline") or []
+        if timeline:
+            ts = [t for t, _ in timeline]
+            rate = [(n1 - n0) / max(t1 - t0, 1e-6) for (t0, n0), (t1, n1) in zip(timeline, timeline[1:])]
+            k = max(1, len(rate) // 50)  # smoothed over ~50 points
+            smooth = [sum(rate[i:i + k]) / len(rate[i:i + k]) for i in range(0, len(rate), k)]
+            lines.plot(ts[1::k][: len(smooth)], smooth, label=names[-1])
+    bars.barh(names, speeds, color="tab:green")
+    for y, note in enumerate(notes):
+        bars.text(speeds[y], y, note, va="center", fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlabel("output tokens / s (workload A)")
+    bars.set_xlim(0, max(speeds) * 1.6)
+    lines.set_xlabel("seconds since the first request")
+    lines.set_ylabel("output tokens / s")
+    lines.legend(fontsize=7)
+    fig.suptitle(f"bench throughput, one run on {reports[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

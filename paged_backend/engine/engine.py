@@ -317,7 +317,7 @@ class Engine:
             return []
         out = launched.sampled.resolve()
         now = time.time()
-        touched: dict[str, Request] = {}  # the requests to report (without emit_unfinished: those a sequence of which ended)
+        touched: dict[str, Request] = {}  # requests to report (without emit_unfinished: those a sequence of which ended)
         step, append, bm = launched.step, self._append_token, self.block_manager
         cache, bs = (bm.cache_full_blocks if bm.enable_prefix_caching else None), bm.block_size
         for seq, token, logprob, top in zip(launched.row_seqs, out.token_ids, out.logprobs, out.top_logprobs):
