@@ -131,7 +131,7 @@ def rms_norm(x, weight, eps, residual=None, gemma=False, fp8_out=False):
         out, scale = _fp8_rows_out(rows, n, x.device)
     else:
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
-        out = scale = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+        out = scale = torch.empty((rows, n), dtype=out_dtype, device=x.device)  # (scale_ptr unused: out stands in)
     if residual is not None:
         r2 = residual.reshape(-1, n)
         if r2.stride(1) != 1:
