@@ -268,7 +268,7 @@ class Engine:
         constrained = reads_history = False
         now = time.time()
         # (runs for every sequence in every step: the block-hash registration is called only when a
-        # block may have filled, a sequence's unchanging sampling row is reused without a call)
+        # block may have filled)
         cache, bs = (bm.cache_full_blocks if bm.enable_prefix_caching else None), bm.block_size
         for seq, num_new, completes in zip(sched.seqs, sched.num_new_tokens, sched.completes_prompt):
             req = seq.request
@@ -282,15 +282,9 @@ class Engine:
                 continue
             constrained = constrained or req.grammar is not None
             reads_history = reads_history or req.reads_history
-            if seq.pending_forks:  # forked siblings sample from the same logits row
-                for member in self._fork(seq):
-                    rows.append(self._sampling_row(member))
-                    row_seqs.append(member)
-                    sample_from.append(num_logit_rows)
-            else:
-                row = seq.sampling_row
-                rows.append(row if row is not None and not req.reads_history else self._sampling_row(seq))
-                row_seqs.append(seq)
+            for member in self._fork(seq) if seq.pending_forks else (seq,):  # forked siblings: the same logits row
+                rows.append(self._sampling_row(member))
+                row_seqs.append(member)
                 sample_from.append(num_logit_rows)
             num_logit_rows += 1
         released, self._released_seeds = self._released_seeds, []
@@ -327,7 +321,7 @@ class Engine:
             if seq.status is _FINISHED:  # stopped by an earlier token, or aborted: this one is dropped
                 continue
             append(seq, token, logprob, top, now)
-            if cache is not None and min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_hashed_blocks:
+            if cache is not None and seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # (as in _launch)
                 cache(seq)
             if emit_unfinished or seq.status is _FINISHED:
                 req = seq.request
