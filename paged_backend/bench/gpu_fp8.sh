@@ -33,6 +33,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\n{'model':14s} {'variant':7s} {'seconds':>8s} {'out tok/s':>10s} {'vs bf16':>8s} {'roofline':>9s} "
       f"{'weights GiB':>12s} {'KV B/tok':>9s}")
+reports = []
 for model in ("llama-3.2-1b", "llama-3-8b"):
     base = None
     for variant in ("bf16", "fp8", "fp8kv"):
@@ -41,13 +42,12 @@ for model in ("llama-3.2-1b", "llama-3-8b"):
             print(f"{model:14s} {variant:7s} (no result)")
             continue
         rep = json.loads(f.read_text())
+        reports.append(rep)
         r = rep["results"][0]
         base = base or r["seconds"]
         print(f"{model:14s} {variant:7s} {r['seconds']:8.2f} {r['output_tok_per_s']:10.0f} "
               f"{base / r['seconds']:7.2f}x {r['roofline_fraction']:9.1%} {rep['weight_bytes'] / 2**30:12.2f} "
               f"{rep['kv_bytes_per_token']:9d}")
-reports = [json.loads(f.read_text()) for f in (out / f"workload_a_{m}_{v}.json" for m in ("llama-3.2-1b", "llama-3-8b")
-           for v in ("bf16", "fp8", "fp8kv")) if f.is_file()]
 if reports:
     from paged_backend.bench.plot import write_variants_plot
     write_variants_plot(str(out / "workload_a_fp8.png"), reports)
