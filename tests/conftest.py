@@ -188,6 +188,16 @@ def hf_greedy(model_dir, prompts_ids: list[list[int]], max_new_tokens: int) -> l
     return outs
 
 
+def assert_tp_fp8_first_tokens_agree(tp1: list[dict], tp2: list[dict]) -> None:
+    """Each prompt's first-token top-5 log-probabilities of a tp=2 fp8 engine against the tp=1 fp8 engine's: at least
+    4 of the 5 tokens shared, within 0.25 (twice the fp8 error itself: each rank quantizes its own activation slice)."""
+    for i, (ref, got) in enumerate(zip(tp1, tp2, strict=True)):
+        common = set(ref) & set(got)
+        assert len(common) >= 4, f"prompt {i}: top tokens {sorted(ref)} vs {sorted(got)}"
+        worst = max(abs(ref[t] - got[t]) for t in common)
+        assert worst < 0.25, f"prompt {i}: first-token logprobs differ by {worst:.3f} between tp=1 and tp=2 (fp8)"
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: extra threads only add synchronisation, and a busy 2-core box makes them crawl."""
