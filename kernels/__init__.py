@@ -23,6 +23,12 @@ FP8 KV cache: a kv_cache of dtype float8_e4m3fn holds key / k_scale and value / 
 float scales, saturated at +-448); attention reads K and V back exactly (every e4m3 value is an fp16 value:
 the Triton kernel runs its dots in fp16 for a 16-bit q, the reference in q's dtype) and applies the scales
 (K's to the softmax scale, V's to the output). Other cache dtypes ignore the scales.
+An fp8 cache is contiguous and keeps each block's V half transposed: kv_cache[b, 1] holds V as
+[Hkv, D, block_size] in the bytes the shape names [block_size, Hkv, D] (`reference._fp8_v_blocks` is that
+view). Attention's P.V contracts over keys, so the kernels read V^T along its contiguous dimension, as K is
+read: the fp8 bytes then reach the tensor cores through one shared-memory pass and convert in registers
+(at workload-A contexts 1.4-1.6x the decode speed of the [block_size, Hkv, D] layout, BENCHMARKS.md).
+copy_blocks moves whole blocks and is layout-blind.
 """
 
 from __future__ import annotations
@@ -127,6 +133,8 @@ def _check_cache(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> None
         raise ValueError(f"kv_cache dtype {kv_cache.dtype}: expected one of {_CACHE_DTYPES}")
     if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
         raise ValueError(f"k_scale={k_scale}, v_scale={v_scale}: KV scales must be positive finite floats")
+    if kv_cache.dtype == reference.FP8_KV_DTYPE and not kv_cache.is_contiguous():
+        raise ValueError("an fp8 kv_cache must be contiguous (its V halves are stored transposed per block)")
 
 
 def paged_attention(

@@ -177,9 +177,14 @@ def store_kv(
             return
         key, value = key[keep], value[keep]
     if kv_cache.dtype == FP8_KV_DTYPE:
-        # torch has no CPU index_copy_ for float8: the bytes are copied as uint8.
+        # torch has no CPU index_copy_ for float8: the bytes are copied as uint8. V goes transposed into
+        # its block ([Hkv, D, block_size], kernels/__init__), one strided put.
         key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
         kv_cache = kv_cache.view(torch.uint8)
+        rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
+        rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1))
+        _fp8_v_blocks(kv_cache)[k_rows // (2 * block_size), :, :, k_rows % (2 * block_size)] = value
+        return
     if kv_cache.is_contiguous():  # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put
         rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
         rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1).to(kv_cache.dtype))
@@ -188,6 +193,12 @@ def store_kv(
     blocks, offsets = k_rows // (2 * block_size), k_rows % (2 * block_size)
     kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)
     kv_cache[blocks, 1, offsets] = value.to(kv_cache.dtype)
+
+
+def _fp8_v_blocks(kv_cache):
+    """The V halves of an fp8 cache's blocks as they are stored: [num_blocks, Hkv, D, block_size]."""
+    nblk, _, bs, hkv, d = kv_cache.shape
+    return kv_cache.view(nblk, 2, hkv, d, bs)[:, 1]
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -253,6 +264,8 @@ def _gather(kv_cache, rows, slot):
         torch.index_select(kv_cache.view(nblk * 2, row), 0, rows, out=out)
     else:
         torch.index_select(kv_cache[:, slot], 0, rows // 2, out=out.view(-1, bs, hkv, d))
+    if slot == 1 and kv_cache.dtype == FP8_KV_DTYPE:  # stored transposed: back to [block_size, Hkv, D] rows
+        return out.view(torch.uint8).view(-1, hkv, d, bs).permute(0, 3, 1, 2).reshape(-1, hkv, d).view(kv_cache.dtype)
     return out.view(-1, hkv, d)
 
 

@@ -29,8 +29,51 @@ from . import _triton_module
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _impl = _triton_module(_INTERPRETED, "triton_impl")
-_fp16_rows, _fp8_to_f16 = _impl._fp16_rows, _impl._fp8_to_f16
+_fp16_rows, _fp8_v_tile = _impl._fp16_rows, _impl._fp8_v_tile
 _log2_logits, _online_softmax = _impl._log2_logits, _impl._online_softmax
+
+
+@triton.jit
+def _widen(x, WIDE: tl.constexpr):
+    """Raw fp8 -> the dots' dtype: fp16 (exact), or fp32 (WIDE: an fp32 q, or the interpreter, which
+    multiplies fp16 no better). A plain (pure) conversion, so Triton converts after the shared-memory load
+    into the dot operand's layout: both operands are read along their contracted dimension (K rows, V^T
+    rows), and the fp8 bytes go through shared memory once (cp.async in, ldmatrix out)."""
+    if WIDE:
+        return x.to(tl.float32)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def _decode_tile(acc, m_i, l_i, qt, qk, start, hi, seq_len, window, softcap, kv_ptr, bt_row, kvh, offs_d, d_mask,
+                 stride_cb, stride_ckv, stride_cs, stride_ch,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, V_RUN: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Keys [start, start + BLOCK_N): one online-softmax update of out^T. MASKED: the tile reaches past hi
+    (only then are loads masked per key: unmasked tiles load whole runs)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    if MASKED:
+        phys = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kmask = n_ok[:, None] & d_mask[None, :]
+    else:
+        phys = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+        kmask = d_mask[None, :]
+    base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+    k = _widen(tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kmask, other=0.0), WIDE)
+    s = tl.dot(k, qt.to(k.dtype), input_precision=DOT_PREC)  # S^T [BLOCK_N, GP]
+    s = _log2_logits(s, qk, softcap, USE_SOFTCAP)
+    keep = n_ok
+    if USE_WINDOW:
+        keep = keep & (offs_n > seq_len - 1 - window)
+    s = tl.where(keep[:, None], s, float("-inf"))
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, 0)  # over keys: S^T's rows
+    vt = _widen(_fp8_v_tile(kv_ptr, bt_row, start, hi, kvh, offs_d, d_mask, stride_cb, stride_ckv,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, V_RUN, MASKED), WIDE)
+    acc = acc * alpha[None, :] + tl.dot(vt, p.to(vt.dtype), input_precision=DOT_PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["chunk_len", "window", "stride_bt"])
@@ -41,8 +84,8 @@ def _fp8_decode_kernel(
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
     stride_pt, stride_ph, stride_ps,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SOFT_FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr, V_RUN: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Program (b, kvh, split): sequence b's one new token, the G query heads of KV head kvh, keys of split."""
     b = tl.program_id(0)
@@ -72,35 +115,21 @@ def _fp8_decode_kernel(
         lo = tl.maximum(lo, split * chunk_len)
         hi = tl.minimum(hi, (split + 1) * chunk_len)
     lo = (lo // BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(lo, (hi // BLOCK_N) * BLOCK_N)  # tiles below it hold written keys only
     acc = tl.full([BLOCK_D, GP], 0.0, tl.float32)  # out^T
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)
     bt_row = bt_ptr + row * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        phys = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        base = phys * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-        kv_mask = n_ok[:, None] & d_mask[None, :]
-        k = _fp8_to_f16(tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0), SOFT_FP8)
-        if UPCAST:  # the interpreter: the same products in fp32
-            s = tl.dot(k.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(k.to(qt.dtype), qt, input_precision=DOT_PREC)  # S^T [BLOCK_N, GP]
-        s = _log2_logits(s, qk, softcap, USE_SOFTCAP)
-        keep = n_ok
-        if USE_WINDOW:
-            keep = keep & (offs_n > seq_len - 1 - window)
-        s = tl.where(keep[:, None], s, float("-inf"))
-        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, 0)  # over keys: S^T's rows
-        v = _fp8_to_f16(tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0),
-                        SOFT_FP8)
-        if UPCAST:
-            pv = tl.dot(tl.trans(v).to(tl.float32), p, input_precision="ieee")
-        else:
-            pv = tl.dot(tl.trans(v.to(qt.dtype)), p.to(qt.dtype), input_precision=DOT_PREC)
-        acc = acc * alpha[None, :] + pv
-        m_i = m_new
+    for start in range(lo, full_hi, BLOCK_N):
+        acc, m_i, l_i = _decode_tile(
+            acc, m_i, l_i, qt, qk, start, hi, seq_len, window, softcap, kv_ptr, bt_row, kvh, offs_d, d_mask,
+            stride_cb, stride_ckv, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, V_RUN, USE_WINDOW, USE_SOFTCAP, False, WIDE, DOT_PREC)
+    if full_hi < hi:
+        acc, m_i, l_i = _decode_tile(
+            acc, m_i, l_i, qt, qk, full_hi, hi, seq_len, window, softcap, kv_ptr, bt_row, kvh, offs_d, d_mask,
+            stride_cb, stride_ckv, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, V_RUN, USE_WINDOW, USE_SOFTCAP, True, WIDE, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     res = acc * (v_scale / l_safe)[None, :]
@@ -117,7 +146,7 @@ def _fp8_decode_kernel(
 
 def launch_config(d: int) -> tuple[int, int, int]:
     """(BLOCK_N keys, num_warps, num_stages), from a sweep on an H200 (BENCHMARKS.md)."""
-    return (128, 1, 3) if d <= 64 else (64, 1, 4)
+    return (64, 1, 2) if d <= 64 else (64, 2, 3)
 
 
 def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_window, softcap, out, num_splits,
@@ -128,6 +157,7 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
     block_n, warps, stages = launch_config(d)
+    wide = _INTERPRETED or q.dtype == torch.float32
     num_splits, chunk_len, part_out, part_lse, p_strides = _impl.split_plan(q, num_splits, max_seq_len, block_n)
     _fp8_decode_kernel[(t, hkv, num_splits)](
         q, kv_cache, out, block_tables, seq_lens, part_out, part_lse,
@@ -136,9 +166,9 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
         G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
+        BLOCK_N=block_n, V_RUN=_impl.v_run(block_size, block_n),
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
-        UPCAST=_INTERPRETED, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFT_FP8=_INTERPRETED,
+        WIDE=wide, DOT_PREC="ieee" if wide else "tf32",
         num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:

@@ -81,7 +81,11 @@ def _store_kv_kernel(
         k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
         v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
         tl.store(dst, _to_cache(k, inv_k_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
-        tl.store(dst + stride_ckv, _to_cache(v, inv_v_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
+        if FP8:  # V transposed inside its block: [Hkv, D, block_size] (see _fp8_v_tile)
+            dst = cache_ptr + blk * stride_cb + stride_ckv + offs_h * (D * BLOCK_SIZE) + offs_d * BLOCK_SIZE + off
+        else:
+            dst = dst + stride_ckv
+        tl.store(dst, _to_cache(v, inv_v_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
 
 
 @triton.jit
@@ -180,13 +184,54 @@ def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _fp8_v_tile(kv_ptr, bt_row_ptr, start, hi, kvh, offs_d, d_mask, stride_cb, stride_ckv,
+                HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, V_RUN: tl.constexpr,
+                MASKED: tl.constexpr):
+    """V^T [BLOCK_D, BLOCK_N], raw fp8, of keys [start, start + BLOCK_N) (start a multiple of BLOCK_N); with
+    MASKED, keys >= hi read 0 (slots past a sequence's end may hold anything, NaN bytes included).
+    An fp8 cache keeps V transposed inside each block ([Hkv, D, block_size], kernels/__init__): the dot
+    P.V contracts over keys, so its fp8 operand is read along its contiguous dimension, as K's is, and
+    converts to fp16 after the shared-memory load instead of through a second round trip.
+    V_RUN (`v_run`): keys per contiguous run, a power of two dividing BLOCK_N and block_size, so the loads
+    are runs of V_RUN bytes; 0 for other block sizes (one gather per key)."""
+    if V_RUN > 0:
+        start = tl.multiple_of(start, BLOCK_N)
+        NUM_RUNS: tl.constexpr = BLOCK_N // V_RUN
+        first = start + tl.arange(0, NUM_RUNS) * V_RUN  # each run's first key, all in one block
+        phys = tl.load(bt_row_ptr + first // BLOCK_SIZE, mask=first < hi, other=0).to(tl.int64)
+        base = phys * stride_cb + stride_ckv + kvh * (HEAD_DIM * BLOCK_SIZE)
+        if BLOCK_SIZE > BLOCK_N:  # the whole tile is one run inside a block
+            base += tl.multiple_of(start % BLOCK_SIZE, BLOCK_N)
+        offs_s = tl.arange(0, V_RUN)
+        ptr = kv_ptr + base[None, :, None] + offs_d[:, None, None] * BLOCK_SIZE + offs_s[None, None, :]
+        if MASKED:
+            mask = d_mask[:, None, None] & ((first[None, :, None] + offs_s[None, None, :]) < hi)
+        else:
+            mask = d_mask[:, None, None]
+        v = tl.reshape(tl.load(ptr, mask=mask, other=0.0), [offs_d.shape[0], BLOCK_N])
+    else:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        phys = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        base = phys * stride_cb + stride_ckv + kvh * (HEAD_DIM * BLOCK_SIZE) + offs_n % BLOCK_SIZE
+        v = tl.load(kv_ptr + base[None, :] + offs_d[:, None] * BLOCK_SIZE, mask=n_ok[None, :] & d_mask[:, None],
+                    other=0.0)
+    return v
+
+
+def v_run(block_size: int, block_n: int) -> int:
+    """_fp8_v_tile's V_RUN for a kernel's BLOCK_N (a power of two)."""
+    return min(block_size, block_n) if block_size & (block_size - 1) == 0 else 0
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, start, kv_ptr, bt_row_ptr, kvh, q_pos, hi, offs_d, d_mask,
     qk_scale, softcap, window,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
-    SOFT_FP8: tl.constexpr,
+    SOFT_FP8: tl.constexpr, HEAD_DIM: tl.constexpr, V_RUN: tl.constexpr,
 ):
     """One BLOCK_N tile of keys [start, start + BLOCK_N): online-softmax update in the log2 domain.
     qk_scale: a scalar, or per row [BLOCK_M, 1] (fp8 cache, _fp16_rows)."""
@@ -212,13 +257,14 @@ def _attend_tile(
             keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
     p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, 1)
-    if MASKED:
+    if FP8_KV:
+        v = tl.trans(_fp8_to_f16(_fp8_v_tile(kv_ptr, bt_row_ptr, start, hi, kvh, offs_d, d_mask, stride_cb,
+                                             stride_ckv, HEAD_DIM, BLOCK_SIZE, BLOCK_N, V_RUN, MASKED), SOFT_FP8))
+    elif MASKED:
         v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :],
                     other=0.0)
     else:
         v = tl.load(kv_ptr + stride_ckv + base[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-    if FP8_KV:
-        v = _fp8_to_f16(v, SOFT_FP8)
     acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -235,7 +281,7 @@ def _paged_attn_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, DIRECT: tl.constexpr, FP8_KV: tl.constexpr, SOFT_FP8: tl.constexpr,
+    UPCAST: tl.constexpr, DIRECT: tl.constexpr, FP8_KV: tl.constexpr, SOFT_FP8: tl.constexpr, V_RUN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -299,17 +345,20 @@ def _paged_attn_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8,
+                HEAD_DIM, V_RUN)
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
+                BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8,
+                HEAD_DIM, V_RUN)
         for start in range(full_hi, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, start, kv_ptr, bt_row, kvh, q_pos, hi, offs_d, d_mask, qk, softcap, window,
                 stride_cb, stride_ckv, stride_cs, stride_ch,
-                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8)
+                BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC, UPCAST, FP8_KV, SOFT_FP8,
+                HEAD_DIM, V_RUN)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         res = acc * (v_scale / l_safe)[:, None]
@@ -489,7 +538,7 @@ def paged_attention(
             USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
-            SOFT_FP8=fp8 and _INTERPRETED,
+            SOFT_FP8=fp8 and _INTERPRETED, V_RUN=v_run(block_size, block_n),
             num_warps=warps, num_stages=stages,
         )
         if num_splits > 1:

@@ -390,7 +390,9 @@ def test_fp8_store_kv_saturates_and_rounds_like_torch():
     for i, s in enumerate(slots.tolist()):
         if s >= 0:
             want = (value[i].float() / 0.25).clamp(-448, 448).to(FP8)
-            assert torch.equal(cache[s // bs, 1, s % bs].view(torch.uint8), want.view(torch.uint8))
+            # V sits transposed in its block: [Hkv, D, block_size]
+            got = reference._fp8_v_blocks(cache.view(torch.uint8))[s // bs, :, :, s % bs]
+            assert torch.equal(got, want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (9, 5.0)])
@@ -431,12 +433,12 @@ def test_fp8_triton_split_k_decode():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp8_triton_decode_default_config(dtype):
-    """Decode-only batch, the entry point's own fp8 choice: triton_decode's kernel, 128-key tiles (full and
+    """Decode-only batch, the entry point's own fp8 choice: triton_decode's kernel, 64-key tiles (full and
     masked), fp16 dots, no split."""
     batch = to_fp8_cache(make_batch([1] * 8, [300, 1, 129, 256, 17, 400, 128, 77], 8, 2, 64, dtype=dtype, seed=35),
                          0.04, 0.03)
     mod = kernels._triton_module(interpret=True)
-    assert kernels._triton_module(True, "triton_decode").launch_config(64)[0] == 128
+    assert kernels._triton_module(True, "triton_decode").launch_config(64)[0] == 64
     assert mod._choose_splits(8, 2, 400, batch["q"].device, kv_bytes=1) == 1
     assert rel_err(run_fp8(batch, 0.125, "triton"), oracle(batch, 0.125)) <= 1e-2
 
@@ -456,6 +458,24 @@ def test_fp8_triton_decode_kernel_shapes(hq, hkv, d, dtype, window, softcap, spl
         batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], d**-0.5,
         window, softcap, out, max_query_len=1, max_seq_len=300, k_scale=0.05, v_scale=0.02, num_splits=splits)
     assert rel_err(out, oracle(batch, d**-0.5, window, softcap)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("block_size", [8, 24, 128])
+def test_fp8_block_sizes(block_size):
+    """The transposed V of an fp8 cache at block sizes below a tile's keys (runs of 8), not a power of two
+    (one gather per key) and above a tile's keys (the tile inside one block): the decode kernel (with
+    split-K) and the varlen kernel against the oracle, over a NaN-poisoned cache."""
+    ctx = [300, 1, 129, 64, 77]
+    dec = to_fp8_cache(make_batch([1] * 5, ctx, 8, 2, 64, block_size=block_size, seed=block_size), 0.05, 0.02)
+    for splits in (1, 2):
+        out = torch.full_like(dec["q"], float("nan"))
+        kernels._triton_module(interpret=True).paged_attention(
+            dec["q"], dec["kv_cache"], dec["block_tables"], dec["seq_lens"], dec["query_start_loc"], 0.125,
+            None, None, out, max_query_len=1, max_seq_len=300, k_scale=0.05, v_scale=0.02, num_splits=splits)
+        assert rel_err(out, oracle(dec, 0.125)) <= 1e-3
+    mixed = to_fp8_cache(make_batch(*MIXED, 8, 2, 32, block_size=block_size, seed=block_size + 1), 0.05, 0.02)
+    assert rel_err(run_fp8(mixed, 32**-0.5, "triton"), oracle(mixed, 32**-0.5)) <= 1e-3
+    assert rel_err(run_fp8(mixed, 32**-0.5, "reference"), oracle(mixed, 32**-0.5)) < 1e-5
 
 
 @pytest.mark.parametrize("mag", [1e6, 1e-7])
