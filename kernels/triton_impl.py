@@ -204,11 +204,13 @@ def _fp8_v_tile(kv_ptr, bt_row_ptr, start, hi, kvh, offs_d, d_mask, stride_cb, s
             base += tl.multiple_of(start % BLOCK_SIZE, BLOCK_N)
         offs_s = tl.arange(0, V_RUN)
         ptr = kv_ptr + base[None, :, None] + offs_d[:, None, None] * BLOCK_SIZE + offs_s[None, None, :]
-        if MASKED:
-            mask = d_mask[:, None, None] & ((first[None, :, None] + offs_s[None, None, :]) < hi)
+        if MASKED:  # whole runs (vector loads), then the keys past hi zeroed as bytes
+            v = tl.load(ptr, mask=d_mask[:, None, None] & (first < hi)[None, :, None], other=0.0)
+            key_ok = (first[None, :, None] + offs_s[None, None, :]) < hi
+            v = tl.where(key_ok, v.to(tl.uint8, bitcast=True), 0).to(v.dtype, bitcast=True)
         else:
-            mask = d_mask[:, None, None]
-        v = tl.reshape(tl.load(ptr, mask=mask, other=0.0), [offs_d.shape[0], BLOCK_N])
+            v = tl.load(ptr, mask=d_mask[:, None, None], other=0.0)
+        v = tl.reshape(v, [offs_d.shape[0], BLOCK_N])
     else:
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
