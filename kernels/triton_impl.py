@@ -61,31 +61,35 @@ def _to_cache(x, inv_scale, cache_ptr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr
         return x.to(cache_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _store_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr, inv_k_scale, inv_v_scale,
+    k_ptr, v_ptr, cache_ptr, slot_ptr, inv_k_scale, inv_v_scale, T,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
-    H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        offs_h = tl.arange(0, BLOCK_H)[:, None]
-        offs_d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (offs_h < H) & (offs_d < D)
-        dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h * stride_ch + offs_d
-        k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
-        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-        tl.store(dst, _to_cache(k, inv_k_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
-        if FP8:  # V transposed inside its block: [Hkv, D, block_size] (see _fp8_v_tile)
-            dst = cache_ptr + blk * stride_cb + stride_ckv + offs_h * (D * BLOCK_SIZE) + offs_d * BLOCK_SIZE + off
-        else:
-            dst = dst + stride_ckv
-        tl.store(dst, _to_cache(v, inv_v_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
+    """Program (i, h): tokens [i * BLOCK_T, (i + 1) * BLOCK_T) of KV head h."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (slot >= 0)[:, None] & (offs_d < D)[None, :]
+    row = offs_t.to(tl.int64)[:, None]
+    k = tl.load(k_ptr + row * stride_kt + h * stride_kh + offs_d[None, :], mask=mask)
+    v = _to_cache(tl.load(v_ptr + row * stride_vt + h * stride_vh + offs_d[None, :], mask=mask), inv_v_scale,
+                  cache_ptr, FP8, SOFT_FP8)
+    dst = cache_ptr + blk[:, None] * stride_cb + off[:, None] * stride_cs + h * stride_ch + offs_d[None, :]
+    tl.store(dst, _to_cache(k, inv_k_scale, cache_ptr, FP8, SOFT_FP8), mask=mask)
+    if FP8:  # V transposed inside its block ([Hkv, D, block_size], see _fp8_v_tile), stored as V^T [D, tokens]:
+        # neighbouring lanes take neighbouring tokens, whose slots are neighbours within a block in a prompt
+        dst = (cache_ptr + blk[None, :] * stride_cb + stride_ckv + h * (D * BLOCK_SIZE) + offs_d[:, None] * BLOCK_SIZE
+               + off[None, :])
+        tl.store(dst, tl.trans(v), mask=tl.trans(mask))
+    else:
+        tl.store(dst + stride_ckv, v, mask=mask)
 
 
 @triton.jit
@@ -411,11 +415,12 @@ def store_kv(key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     if kv_cache.stride(4) != 1:
         raise ValueError("kv_cache must be contiguous in its last (head_dim) dimension")
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    _store_kv_kernel[(t,)](
-        key, value, kv_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
+    block_t = 16
+    _store_kv_kernel[(triton.cdiv(t, block_t), h)](
+        key, value, kv_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale, t,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        H=h, D=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
+        D=d, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
         FP8=fp8, SOFT_FP8=fp8 and _INTERPRETED,
     )
 
