@@ -53,8 +53,9 @@ _triton_modules: dict[tuple[str, bool], object] = {}
 
 
 def _triton_module(interpret: bool, name: str = "triton_impl"):
-    """A Triton module (triton_impl: attention; triton_decode: fp8 decode attention; triton_fused:
-    element-wise ops), compiled (interpret=False) or interpreted (True); loaded once each."""
+    """A Triton module (triton_impl: attention; triton_decode: fp8 decode attention; triton_kv: the KV
+    store and the fp8 cache's V tiles; triton_fused: element-wise ops), compiled (interpret=False) or
+    interpreted (True); loaded once each."""
     mod = _triton_modules.get((name, interpret))
     if mod is not None:
         return mod
@@ -123,7 +124,7 @@ def store_kv(
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [T] with T = {key.shape[0]}")
     _check_cache(kv_cache, k_scale, v_scale)
-    mod = _pick(impl, kv_cache)
+    mod = _pick(impl, kv_cache, "triton_kv")
     extra = {"plan": plan} if mod is reference else {}
     mod.store_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale, **extra)
 

@@ -3,14 +3,17 @@
 triton_impl's kernel puts a program's G query heads on the rows (M) of its dots: S = q K^T is
 [16, keys] with G = 4 of the 16 rows real (the MMA's smallest M), and the online softmax runs over
 all 16. Over an fp8 cache a 16 KB tile holds twice the keys of a bf16 one, so that per-key work
-doubles per byte, and the kernel ran at 42-60 % of the copy rate (instruction- and latency-bound:
-ncu showed 12.5 % occupancy, stalls on memory and shared-memory round trips; BENCHMARKS.md).
-Here the product is transposed: S^T = K q^T is [keys, G] (keys fill M; the G heads sit on N,
-which Triton pads to the MMA's 8) and out^T = V^T P^T, so the dots and the softmax do half the
-work per key, and one warp per program (a tile's keys within one warp: the softmax reductions
-over keys are shuffles, no shared memory) gives more programs per SM. Measured on an H200 at
-workload-A contexts: 1.20x (head_dim 64) and 1.12x (128) the fp8 speed of triton_impl's kernel;
-over a bf16 cache it was no faster, so bf16 stays there.
+doubles per byte. Here the product is transposed: S^T = K q^T is [keys, G] (keys fill M; the G heads
+sit on N, which Triton pads to the MMA's 8) and out^T = V^T P^T, so the dots and the softmax do half
+the work per key, and one or two warps per program give more programs per SM.
+
+Both dots read their fp8 operand along the contracted dimension (K's rows; V^T's rows, which is why an
+fp8 cache stores V transposed per block, see triton_kv._fp8_v_tile), and the conversion to fp16 is a
+plain one: Triton then converts after the shared-memory load into the dot operand (ldmatrix of the fp8
+bytes, cvt in registers), with no second round trip of the converted tile through shared memory.
+Measured on an H200 at workload-A contexts (BENCHMARKS.md, tenth session): 80 % of the copy rate at
+head_dim 128, 70 % at 64 (53 % and 52 % before the transposed V; over a bf16 cache the transposed
+product was no faster, so bf16 stays in triton_impl).
 
 Decode-only batches (one new token per sequence), split-K, sliding windows and softcapping as in
 triton_impl (its helpers and split reduce kernel are shared). Loaded through kernels/__init__'s
@@ -29,7 +32,8 @@ from . import _triton_module
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _impl = _triton_module(_INTERPRETED, "triton_impl")
-_fp16_rows, _fp8_v_tile = _impl._fp16_rows, _impl._fp8_v_tile
+_kv = _triton_module(_INTERPRETED, "triton_kv")
+_fp16_rows, _fp8_v_tile = _impl._fp16_rows, _kv._fp8_v_tile
 _log2_logits, _online_softmax = _impl._log2_logits, _impl._online_softmax
 
 
@@ -166,7 +170,7 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
         G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, V_RUN=_impl.v_run(block_size, block_n),
+        BLOCK_N=block_n, V_RUN=_kv.v_run(block_size, block_n),
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
         WIDE=wide, DOT_PREC="ieee" if wide else "tf32",
         num_warps=warps, num_stages=stages,

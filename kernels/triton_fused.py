@@ -10,7 +10,7 @@ Same numerics as the twins: wherever a twin rounds an intermediate to the model 
 bf16 tensors round after each op), the kernel rounds it too; the rest is computed in fp32. Like
 triton_impl.py this module is self-contained and calls only Triton builtins, because
 kernels/__init__.py loads it a second time under TRITON_INTERPRET=1 for CPU tensors (the one helper it
-takes from triton_impl, the interpreter's fp8 rounding, comes through `_triton_module` in the same mode).
+takes from triton_kv, the interpreter's fp8 rounding, comes through `_triton_module` in the same mode).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _triton_module
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_fp8_bits = _triton_module(_INTERPRETED, "triton_impl")._fp8_bits
+_fp8_bits = _triton_module(_INTERPRETED, "triton_kv")._fp8_bits
 
 
 @triton.jit

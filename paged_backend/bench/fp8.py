@@ -110,8 +110,9 @@ SWEEP = {64: [(16, 64, 2, 4), (16, 64, 4, 4), (16, 128, 2, 4), (16, 128, 4, 3), 
 
 
 def _load_kernel_module(path: str):
-    """An older triton_impl.py as its own module (it imports only torch and triton; from this version on it
-    reaches triton_decode, the tree's own, through the kernels package, hence the qualified name)."""
+    """An older triton_impl.py as its own module (it reaches the tree's own triton_decode and triton_kv through
+    the kernels package, hence the qualified name). One from before the fp8 cache's transposed V (tenth
+    session) reads that cache's V in the old layout: its fp8 timings compare, its fp8 outputs do not."""
     spec = importlib.util.spec_from_file_location("paged_backend.kernels._base_triton_impl", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
