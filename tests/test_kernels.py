@@ -522,6 +522,34 @@ def test_gpu_fp8_quantize_rows():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("block_size", [8, 24, 128])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_fp8_block_sizes(block_size, d):
+    """Compiled kernels over an fp8 cache's transposed V at block sizes other than 16: runs of 8 keys, one gather
+    per key (24), a tile inside one block (128); a prompt's consecutive slots through store_kv; decode (split-K
+    included) and mixed batches against the reference."""
+    nblk = 4096 // block_size + 8
+    k = torch.randn(1000, 8, d, device="cuda", dtype=torch.bfloat16) * 3
+    v = torch.randn_like(k)
+    cache = torch.zeros(nblk, 2, block_size, 8, d, device="cuda", dtype=FP8)
+    expect = cache.clone()
+    slots = torch.arange(1000, device="cuda") + 3 * block_size + 5  # one prompt's slots, across block boundaries
+    slots[::97] = -1
+    kernels.store_kv(k, v, cache, slots, k_scale=0.02, v_scale=0.01)
+    reference.store_kv(k, v, expect, slots, 0.02, 0.01)
+    assert torch.equal(cache.view(torch.uint8), expect.view(torch.uint8))
+    for q_lens, ctx in [([1] * 6, [3000, 700, 17, 37, 1500, 1000]), ([1] * 4, [5000, 31, 2048, 777]),
+                        ([1, 200, 1, 37], [3000, 700, 17, 37])]:
+        batch = make_batch(q_lens, ctx, 32, 8, d, block_size=block_size, dtype=torch.bfloat16, seed=d + block_size)
+        batch = to_fp8_cache(batch, 0.01, 0.005)
+        batch = dict(batch, **{n: batch[n].cuda() for n in ("q", "kv_cache", "block_tables", "seq_lens",
+                                                            "query_start_loc")})
+        got = run_fp8(batch, d**-0.5, "triton")
+        assert rel_err(got, run_fp8(batch, d**-0.5, "reference")) <= 1e-2
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_fp8_kv_matches_reference(d):
     """Compiled kernels over an fp8 cache (hardware e4m3 conversion) at real shapes, split-K included."""
