@@ -56,7 +56,7 @@ def _decode_tile(acc, m_i, l_i, qt, qk, start, hi, seq_len, window, softcap, kv_
                  USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
                  DOT_PREC: tl.constexpr):
     """Keys [start, start + BLOCK_N): one online-softmax update of out^T. MASKED: the tile reaches past hi
-    (only then are loads masked per key: unmasked tiles load whole runs)."""
+    (K rows past it are masked, V's runs read whole with those keys zeroed); other tiles load unmasked."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hi
     if MASKED:
