@@ -7,6 +7,20 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, Field
 
 FinishReason = Literal["stop", "length", "abort"]
+_set = object.__setattr__
+
+
+def trusted(cls: type[BaseModel], **values):
+    """cls.model_construct(**values) for the engine's own, already valid values naming every field of cls:
+    the instance pydantic's model_construct makes (its __dict__, the fields set, no extra or private
+    values) without model_construct's per-field loop, 3-4x faster. The engine builds one to three of
+    these per streamed request per step, hundreds per step when it serves hundreds of streams."""
+    obj = cls.__new__(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
 
 
 class RequestMetrics(BaseModel):

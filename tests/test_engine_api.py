@@ -160,6 +160,26 @@ def test_text_is_the_same_decoded_lazily_per_step_or_streamed(llm):
             assert lazy.text == by_length.outputs[0].text, (trial, extra)
 
 
+def test_outputs_are_what_model_construct_and_validation_give(llm):
+    """The engine builds its outputs with outputs.trusted (no validation, no per-field loop): every field is
+    set, they equal pydantic's own model_construct of the same values, and they validate unchanged."""
+    from paged_backend.outputs import CompletionOutput, RequestMetrics, RequestOutput, trusted
+
+    engine = llm.engine
+    engine.add_request(_ids(8, 3), SamplingParams(max_tokens=5, ignore_eos=True, logprobs=2), request_id="trusted")
+    outs = []
+    while not outs or not outs[-1].finished:
+        outs += [o for o in engine.step() if o.request_id == "trusted"]
+    for out in outs:
+        for obj, cls in ((out, RequestOutput), (out.outputs[0], CompletionOutput), (out.metrics, RequestMetrics)):
+            assert set(obj.__dict__) == set(cls.model_fields)
+            values = dict(obj.__dict__)
+            assert trusted(cls, **values) == cls.model_construct(**values)
+            assert trusted(cls, **values).model_fields_set == cls.model_construct(**values).model_fields_set
+        assert RequestOutput.model_validate(out.model_dump()) == out
+    assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].logprobs) == 5
+
+
 def test_stats_report_kv_waste_and_prefix_hits(llm):
     p = _ids(50, 4)
     llm.generate([p], SamplingParams(max_tokens=2), use_tqdm=False)

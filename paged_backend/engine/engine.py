@@ -21,7 +21,7 @@ from paged_backend.runtime.setup import EngineSetup, build_engine_parts
 from paged_backend.engine.stats import EngineStats
 from paged_backend.engine.step_builder import build_step_input, with_sampling
 from paged_backend.errors import EngineDeadError
-from paged_backend.outputs import CompletionOutput, RequestOutput
+from paged_backend.outputs import CompletionOutput, RequestOutput, trusted
 from paged_backend.params import SamplingParams, coerce_params
 from paged_backend.runtime.sampling_row import SamplingRow
 from paged_backend.structured.requests import StructuredRequests
@@ -419,14 +419,15 @@ class Engine:
             self._released_seeds.append(seq.seq_id)
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
-        # model_construct: the engine's own, already valid data; validation would cost more than
-        # the rest of the step at hundreds of requests.
+        # trusted: the engine's own, already valid data; validation would cost more than the rest of the
+        # step at hundreds of requests.
         outputs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
             delta_text, delta_ids = self.detokenizer.take_delta(seq)
             out_ids = seq.output_token_ids
             outputs.append(
-                CompletionOutput.model_construct(
+                trusted(
+                    CompletionOutput,
                     index=seq.index,
                     text=seq.text,
                     token_ids=out_ids,
@@ -438,7 +439,8 @@ class Engine:
                     token_ids_delta=delta_ids,
                 )
             )
-        return RequestOutput.model_construct(
+        return trusted(
+            RequestOutput,
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,

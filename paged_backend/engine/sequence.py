@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
-from paged_backend.outputs import RequestMetrics
+from paged_backend.outputs import RequestMetrics, trusted
 from paged_backend.params import SamplingParams
 from paged_backend.runtime.sampling_row import SamplingRow
 
@@ -52,8 +52,8 @@ class RequestTimes:
     def to_metrics(self) -> RequestMetrics:
         # (the latency list is shared, not copied: it only grows, and copying it for every streamed
         # output would cost O(tokens) per request per step)
-        return RequestMetrics.model_construct(
-            arrival_time=self.arrival_time, first_scheduled_time=self.first_scheduled_time,
+        return trusted(
+            RequestMetrics, arrival_time=self.arrival_time, first_scheduled_time=self.first_scheduled_time,
             first_token_time=self.first_token_time, last_token_time=self.last_token_time,
             finished_time=self.finished_time, inter_token_latencies=self.inter_token_latencies,
         )
