@@ -176,19 +176,18 @@ def store_kv(
         if keep.numel() == 0:  # no token has a slot
             return
         key, value = key[keep], value[keep]
-    if kv_cache.dtype == FP8_KV_DTYPE:
-        # torch has no CPU index_copy_ for float8: the bytes are copied as uint8. V goes transposed into
-        # its block ([Hkv, D, block_size], kernels/__init__), one strided put.
+    fp8 = kv_cache.dtype == FP8_KV_DTYPE
+    if fp8:  # torch has no CPU index_copy_ for float8: the bytes are copied as uint8
         key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
         kv_cache = kv_cache.view(torch.uint8)
-        rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
-        rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1))
-        _fp8_v_blocks(kv_cache)[k_rows // (2 * block_size), :, :, k_rows % (2 * block_size)] = value
-        return
-    if kv_cache.is_contiguous():  # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put
+    # row copies into [num_blocks * 2 * block_size, Hkv * D]: no advanced-index put (an fp8 cache is contiguous)
+    if kv_cache.is_contiguous() or fp8:
         rows = kv_cache.view(-1, key.shape[1] * key.shape[2])
         rows.index_copy_(0, k_rows, key.reshape(key.shape[0], -1).to(kv_cache.dtype))
-        rows.index_copy_(0, v_rows, value.reshape(value.shape[0], -1).to(kv_cache.dtype))
+        if fp8:  # V goes transposed into its block ([Hkv, D, block_size], kernels/__init__): one strided put
+            _fp8_v_blocks(kv_cache)[k_rows // (2 * block_size), :, :, k_rows % (2 * block_size)] = value
+        else:
+            rows.index_copy_(0, v_rows, value.reshape(value.shape[0], -1).to(kv_cache.dtype))
         return
     blocks, offsets = k_rows // (2 * block_size), k_rows % (2 * block_size)
     kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)

@@ -13,8 +13,8 @@ Decode-only batches over an fp8 cache go to triton_decode.py's kernel instead (s
 
 This module imports only torch, triton and, through kernels/__init__'s loader in this module's own mode,
 triton_kv (triton_decode at call time) because kernels/__init__.py loads it a second time under
-TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton builtins (tl.reduce with our own combine
-functions instead of tl.max / tl.sum / tl.sigmoid / tl.cdiv): those library helpers are jit
+TRITON_INTERPRET=1 for CPU tensors. For the same reason the kernels call only Triton builtins (tl.reduce
+with our own combine functions instead of tl.max / tl.sum / tl.sigmoid / tl.cdiv): those library helpers are jit
 functions of Triton's own, compiled-mode when triton was imported without the interpreter, and an
 interpreted kernel cannot call them.
 """
