@@ -61,6 +61,12 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
 
 
+def fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype):
+    """(x_q @ w_q^T) * x_scale * w_scale with the fp8 values widened to fp32: the products the GPU's fp8
+    GEMMs compute (exact in fp32), accumulated in fp32."""
+    return ((x_q.float() @ w_q.float().t()) * x_scale * w_scale).to(out_dtype)
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """The sequences of a step that add one token each, attended as one padded batch of B rows."""

@@ -1,4 +1,5 @@
-"""FP8 on the GPU: the `_scaled_mm` linear at real shapes against its fp32 twin, and the engine with fp8
+"""FP8 on the GPU: the fp8 linear (our Triton GEMM up to 256 rows, `_scaled_mm` above) at real shapes against
+its fp32 twin, and the engine with fp8
 weights and an fp8 KV cache under CUDA graphs. (The fp8 attention kernels' GPU checks are in
 test_kernels.py, test_gpu_fp8_kv_matches_reference.)"""
 
@@ -7,19 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paged_backend.layers.quant import Fp8Linear, _scaled_mm_ok, quantize_rows
+from paged_backend import kernels
+from paged_backend.layers.quant import Fp8Linear, quantize_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("k,n", [(2048, 3072), (4096, 28672), (14336, 4096), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 37, 256, 4096])
+@pytest.mark.parametrize("m", [1, 37, 256, 257, 4096])
 def test_gpu_fp8_linear_matches_fp32_twin(k, n, m):
     lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, std=0.02)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fp8 = Fp8Linear.from_linear(lin)
-    assert _scaled_mm_ok(x, x.dtype, n)  # the tensor-core path, not the fallback
     got = fp8(x)
     xq, xs = quantize_rows(x)
     twin = (xq.float() @ fp8.weight.float().t()) * xs * fp8.weight_scale + lin.bias.float()
@@ -29,13 +30,29 @@ def test_gpu_fp8_linear_matches_fp32_twin(k, n, m):
     assert quant_err < 0.06, quant_err  # e4m3 weights and activations against bf16
 
 
-def test_gpu_fp8_linear_fallback_shapes():
-    """N not a multiple of 16: the widened fp32 path, same arithmetic."""
-    lin = torch.nn.Linear(64, 40, bias=False, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("m", [5, 300])
+def test_gpu_fp8_linear_odd_shapes(m):
+    """N and K not multiples of 16: our GEMM up to 256 rows, the widened fp32 path above (which
+    `_scaled_mm` cannot take); same arithmetic."""
+    lin = torch.nn.Linear(72, 40, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 72, device="cuda", dtype=torch.bfloat16)
     fp8 = Fp8Linear.from_linear(lin)
-    assert not _scaled_mm_ok(x, x.dtype, 40)
     assert ((fp8(x).float() - lin(x).float()).norm() / lin(x).float().norm()).item() < 0.06
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 100, 128, 256])
+@pytest.mark.parametrize("k,n", [(2048, 3072), (2048, 2048), (8192, 2048), (4096, 28672), (14336, 4096)])
+def test_gpu_fp8_gemm_matches_cublas(m, k, n):
+    """Our Triton GEMM (every split-K and tile choice the model shapes make) against `_scaled_mm`."""
+    g = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x_q, x_s = kernels.quantize_fp8_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g))
+    w_q, w_s = kernels.quantize_fp8_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g))
+    w_s = w_s.reshape(1, -1)
+    got = kernels.fp8_matmul(x_q, x_s, w_q, w_s, torch.bfloat16, impl="triton")
+    want = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16)
+    twin = kernels.fp8_matmul(x_q, x_s, w_q, w_s, torch.float32, impl="reference")
+    assert ((got.float() - twin).norm() / twin.norm()).item() < 4e-3  # bf16 rounding of the output only
+    assert ((got.float() - want.float()).norm() / twin.norm()).item() < 4e-3
 
 
 def test_gpu_engine_fp8(tiny_model_dir):

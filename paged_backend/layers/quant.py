@@ -3,9 +3,10 @@ dynamic per-token activation scales.
 
 y = (x_q @ w_q^T) * x_scale[m] * w_scale[n], where x_q = x / x_scale (x_scale = amax of the token's row
 / 448) and w_q = w / w_scale (w_scale = amax of the output channel's row / 448), both float8_e4m3fn.
-On CUDA the product runs in `torch._scaled_mm` (fp8 tensor cores, fp32 accumulation, rowwise scales);
-elsewhere (CPU, or shapes/dtypes `_scaled_mm` does not take) the same fp8 values are widened to fp32
-and multiplied there: the same quantization error, so CPU tests measure what the GPU computes.
+On CUDA the product runs on fp8 tensor cores with fp32 accumulation (`kernels.fp8_matmul`: our Triton
+GEMM at decode batch sizes, cuBLAS's `torch._scaled_mm` above); on the CPU the same fp8 values are
+widened to fp32 and multiplied there: the same quantization error, so CPU tests measure what the GPU
+computes.
 
 The LM head and the embeddings stay unquantized (as in vLLM): they are a small share of the bytes of
 the models we serve and the most sensitive to rounding.
@@ -39,11 +40,6 @@ class Fp8Rows(NamedTuple):
         return self.q.shape
 
 
-def _scaled_mm_ok(x: torch.Tensor, dtype: torch.dtype, n: int) -> bool:
-    # _scaled_mm's rowwise-scaled fp8 GEMM: CUDA, bf16 output, K and N multiples of 16.
-    return x.is_cuda and dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and n % 16 == 0
-
-
 class Fp8Linear(nn.Module):
     """A linear layer with float8_e4m3fn weights [N, K] and per-output-channel fp32 scales [N].
 
@@ -55,7 +51,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        # [1, N]: the layout _scaled_mm takes for scale_b, and a broadcast row for the fallback.
+        # [1, N]: the layout kernels.fp8_matmul takes (a broadcast row of the product).
         self.weight_scale = nn.Parameter(weight_scale.reshape(1, -1).float().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.shard_sizes = shard_sizes
@@ -75,10 +71,7 @@ class Fp8Linear(nn.Module):
         else:
             x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))
             dtype = x.dtype
-        if _scaled_mm_ok(x_q, dtype, self.out_features):
-            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=dtype)
-        else:
-            y = ((x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale).to(dtype)
+        y = kernels.fp8_matmul(x_q, x_scale, self.weight, self.weight_scale, dtype)
         if self.row_parallel is not None:  # this rank's input features only: sum the ranks' products
             y = self.row_parallel.all_reduce(y)
         if self.bias is not None:
