@@ -1,4 +1,4 @@
-"""FP8 on the GPU: checks and timings of the fp8 linear (torch._scaled_mm) and of decode attention over
+"""FP8 on the GPU: checks and timings of the fp8 linear (kernels.fp8_matmul) and of decode attention over
 an fp8 KV cache, next to their bf16 counterparts, in one run (needs CUDA).
 
     python -m paged_backend.bench.fp8 [--json FILE] [--attention-only] [--base-kernel FILE] [--sweep]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # FP8 on one GPU, in one run (~6-8 min on an H100 including Triton compiles), from the repository root:
 #   bash paged_backend/bench/gpu_fp8.sh            # results under $OUT (default ./fp8_results)
-# 1. the fp8 GPU tests; 2. the fp8 kernel/linear bench; 3. workload A (256 prompts, input U[100,1024],
-# 256 output tokens, greedy) for the Llama-3.2-1B and Llama-3-8B shapes with bf16, fp8 weights, and fp8
-# weights + fp8 KV cache; a table of the six runs last and one PNG of them (workload_a_fp8.png).
+# 1. the fp8 GPU tests; 2. the fp8 kernel/linear bench and our fp8 GEMM against cuBLAS; 3. workload A
+# (256 prompts, input U[100,1024], 256 output tokens, greedy) for the Llama-3.2-1B and Llama-3-8B shapes
+# with bf16, fp8 weights, and fp8 weights + fp8 KV cache; a table of the six runs last and one PNG of them (workload_a_fp8.png).
 set -u
 OUT=${OUT:-./fp8_results}
 mkdir -p "$OUT"
@@ -14,6 +14,7 @@ python -m pytest -q -m gpu tests/test_gpu_fp8.py tests/test_kernels.py -k "fp8" 
 
 echo "== 2/3 fp8 kernel and linear bench"
 python -m paged_backend.bench.fp8 --json "$OUT/fp8_kernels.json" 2>&1 | tee "$OUT/fp8_kernels.txt"
+python -m paged_backend.bench.fp8_gemm --m 1,64,256 --json "$OUT/fp8_gemm.json" 2>&1 | tail -n 8 | tee "$OUT/fp8_gemm.txt"
 
 echo "== 3/3 workload A"
 for model in llama-3.2-1b llama-3-8b; do
