@@ -75,3 +75,22 @@ def test_other_quantized_checkpoints_are_refused_by_name(tiny_model_dir, tmp_pat
     with pytest.raises(ModelLoadError, match=named) as info:
         resolve_model(str(dst))
     assert "AWQ, GPTQ, bitsandbytes" in str(info.value) and "does not match" not in str(info.value)
+
+
+@pytest.mark.parametrize("capability,name,refused", [((8, 0), "NVIDIA A100-SXM4-80GB", True),
+                                                     ((8, 9), "NVIDIA L4", False), ((9, 0), "NVIDIA H100", False)])
+def test_fp8_needs_a_gpu_with_fp8_support(monkeypatch, capability, name, refused):
+    """An A100 would fail inside the first fp8 kernel with a message that does not say why: refused at setup."""
+    from paged_backend.runtime.setup import check_fp8_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    gpu = torch.device("cuda", 0)
+    for quantization, kv in (("fp8", "auto"), (None, "fp8"), ("fp8", "fp8")):
+        if refused:
+            with pytest.raises(ValueError, match=r"needs? a GPU with fp8 support .* A100-SXM4-80GB is 8\.0"):
+                check_fp8_support(gpu, quantization, kv)
+        else:
+            check_fp8_support(gpu, quantization, kv)
+    check_fp8_support(gpu, None, "auto")  # bf16 runs anywhere
+    check_fp8_support(torch.device("cpu"), "fp8", "fp8")  # the CPU runs the fp8 arithmetic in fp32

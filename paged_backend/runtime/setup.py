@@ -48,6 +48,24 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def check_fp8_support(device: torch.device, quantization: str | None, kv_cache_dtype: str) -> None:
+    """FP8 weights and an FP8 KV cache need fp8 tensor cores and conversions on a CUDA device (compute
+    capability 8.9 or newer); an older GPU would fail later inside a kernel, with a message that does not
+    say why. (On the CPU both run the same fp8 arithmetic in fp32.)"""
+    wants = [f"{name}='fp8'" for name, value in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype))
+             if value == "fp8"]
+    if not wants or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        verb = "need" if len(wants) > 1 else "needs"
+        raise ValueError(
+            f"{' and '.join(wants)} {verb} a GPU with fp8 support (compute capability 8.9 or newer: Ada, "
+            f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}. Leave them unset to "
+            f"run in {'bf16' if major >= 8 else 'fp16'}, or run them on the CPU."
+        )
+
+
 def resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
     if dtype != "auto":
         return _DTYPES[dtype]
@@ -147,6 +165,7 @@ def build_engine_parts(args: EngineArgs) -> EngineSetup:
         logger.info("%s is an FP8 checkpoint: running it with quantization='fp8'", args.model)
         quantization = "fp8"
     kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
+    check_fp8_support(device, quantization, args.kv_cache_dtype)
     spec = ShardSpec(args, dtype, device.type, max_model_len, max_batched, quantization, kv_dtype,
                      hidden_size=getattr(cfg, "hidden_size", 0) or 0)
     if args.tensor_parallel_size > 1:
