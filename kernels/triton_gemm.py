@@ -41,13 +41,14 @@ _TILES = ((128, 128), (64, 128), (64, 64))
 
 
 @functools.lru_cache(maxsize=4096)
-def config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
+def config(m: int, n: int, k: int, num_sms: int = 132, max_smem: int = 227 * 1024) -> GemmConfig:
     """Tiles for an [m, k] x [n, k]^T product (m up to a few hundred rows): the widest output tile that
     keeps ~0.7 programs per SM, then, if the grid is still short of that, K split over programs (each
     split at least 1024 deep). Chosen from a sweep of 60 configs at the Llama-3.2-1B and Llama-3-8B
     projections on an H200 (paged_backend/bench/fp8_gemm.py --sweep, BENCHMARKS.md): 128 x 128 tiles
     run 128-deep K steps on 8 warps, narrower ones 256-deep steps on 4, with a deeper pipeline for long K
-    loops. Tiles never have more rows than max(m, 64)."""
+    loops. Tiles never have more rows than max(m, 64). On a GPU with less shared memory than an H100's
+    (max_smem bytes a program; Ada: 99 KB) the pipeline gets shallower, then the K steps shorter."""
     want = 0.7 * num_sms
     for block_m, block_n in _TILES:
         if block_m > max(m, 64):
@@ -60,6 +61,11 @@ def config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     while programs * split_k < want and k // (split_k * 2) >= 1024:
         split_k *= 2
     stages = 4 if k // split_k >= 8192 else 3
+    while (block_m + block_n) * block_k * stages > max_smem and (stages > 2 or block_k > 64):
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
     return GemmConfig(block_m, block_n, block_k, split_k, 8 if block_k == 128 else 4, stages)
 
 
@@ -123,8 +129,13 @@ def _split_k_sum_kernel(part_ptr, xs_ptr, ws_ptr, out_ptr, M, N, stride_om,
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared memory a program may use in bytes) of a CUDA device; an H100's on the CPU (interpreter)."""
+    if device.type != "cuda":
+        return 132, 227 * 1024
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limits = triton.runtime.driver.active.utils.get_device_properties(index)
+    return limits["multiprocessor_count"], limits["max_shared_mem"]
 
 
 def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -136,7 +147,7 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     if x_q.stride(1) != 1 or w_q.stride(1) != 1:
         raise ValueError("x_q and w_q must be contiguous along K")
     if cfg is None:
-        cfg = config(m, n, k, _num_sms(x_q.device))
+        cfg = config(m, n, k, *_device_limits(x_q.device))
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out

@@ -55,11 +55,12 @@ def test_fp8_gemm_public_entry_and_errors():
 @pytest.mark.parametrize("m", [1, 16, 64, 128, 256])
 @pytest.mark.parametrize("k,n", [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (4096, 6144),
                                  (4096, 4096), (4096, 28672), (14336, 4096)])
-def test_fp8_gemm_config_fills_the_gpu(m, k, n):
-    """Each launch of the model shapes gives the 132 SMs of an H200 at least ~0.7 programs each unless
-    its splits are already 1024 deep, never tiles taller than max(m, 64), and fits shared memory."""
-    c = _gemm_module().config(m, n, k, 132)
+@pytest.mark.parametrize("sms,smem", [(132, 227 * 1024), (58, 99 * 1024)])  # an H100 / H200; an L4 (Ada)
+def test_fp8_gemm_config_fills_the_gpu(m, k, n, sms, smem):
+    """Each launch of the model shapes gives every SM at least ~0.7 programs unless its splits are already
+    1024 deep, never tiles taller than max(m, 64), and fits the GPU's shared memory (tiles x stages)."""
+    c = _gemm_module().config(m, n, k, sms, smem)
     programs = -(-m // c.block_m) * -(-n // c.block_n) * c.split_k
-    assert programs >= 0.7 * 132 or k // c.split_k < 2048
+    assert programs >= 0.7 * sms or k // c.split_k < 2048
     assert c.block_m <= max(m, 64) and c.block_k * c.split_k <= k
-    assert (c.block_m + c.block_n) * c.block_k * c.num_stages <= 228 * 1024
+    assert (c.block_m + c.block_n) * c.block_k * c.num_stages <= smem and c.num_stages >= 2
