@@ -10,6 +10,7 @@ and the element-wise ops the models run around them, and the sampler's greedy ch
 one kernel each on CUDA):
     quantize_fp8_rows(x)                          # fp8 activations of quantization="fp8"
     fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype)   # the fp8 linear's GEMM (triton_gemm.py / cuBLAS)
+    for_cuda_graph()                              # context: the passes run inside are captured into CUDA graphs
     rms_norm(x, weight, eps, residual=None, *, gemma=False, fp8_out=False)
     gated_activation(x, activation, *, fp8_out=False)   # fp8_out: quantized as quantize_fp8_rows does, fused
     rotary(x, cos, sin)
@@ -34,6 +35,7 @@ copy_blocks moves whole blocks and is layout-blind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -45,7 +47,7 @@ import torch
 from . import reference
 
 __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
-           "quantize_fp8_rows", "fp8_matmul", "greedy_sample", "plan_step", "reference"]
+           "quantize_fp8_rows", "fp8_matmul", "for_cuda_graph", "greedy_sample", "plan_step", "reference"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -222,14 +224,33 @@ def quantize_fp8_rows(x: torch.Tensor, *, impl: str | None = None) -> tuple[torc
     return _pick(impl, x, "triton_fused").quantize_fp8_rows(x)
 
 
+_graph = threading.local()  # .on: the current thread is building CUDA graphs (`for_cuda_graph`)
+
+
+@contextlib.contextmanager
+def for_cuda_graph():
+    """Inside this context the forward passes being run are captured into CUDA graphs (the warm-up pass
+    right before a capture included) and replayed many times, so kernels are picked for their GPU time
+    rather than their launch cost: the fp8 GEMM up to 256 rows is then our Triton kernel, faster on the GPU
+    but about twice cuBLAS's host time to launch (BENCHMARKS.md), which eager steps of a few rows, bound
+    by the host, would pay."""
+    before = getattr(_graph, "on", False)
+    _graph.on = True
+    try:
+        yield
+    finally:
+        _graph.on = before
+
+
 def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                out_dtype: torch.dtype, *, impl: str | None = None) -> torch.Tensor:
     """(x_q [M, K] @ w_q [N, K]^T) * x_scale [M, 1] * w_scale [1, N] -> [M, N] out_dtype, with fp8 (e4m3)
     x_q and w_q, fp32 scales and fp32 accumulation: an fp8 linear with per-token and per-channel scales.
 
-    On CUDA, up to 256 rows (decode batches) our Triton GEMM (triton_gemm.py: tiles sized for the short
-    problem, 1.1-3x cuBLAS there); more rows `torch._scaled_mm` (cuBLAS, rowwise scales: bf16 output, K
-    and N multiples of 16; other cases the reference). On CPU the fp8 values widened to fp32 (reference).
+    On CUDA: inside `for_cuda_graph` and up to 256 rows (decode batches) our Triton GEMM (triton_gemm.py:
+    tiles sized for the short problem, 1.1-2.4x cuBLAS there); otherwise `torch._scaled_mm` (cuBLAS,
+    rowwise scales: bf16 output, K and N multiples of 16; other cases the reference); impl="triton"
+    forces ours. On CPU the fp8 values widened to fp32 (reference), or ours through the interpreter.
     PAGED_BACKEND_FP8_GEMM=cublas in the environment sends every CUDA product to cuBLAS (for comparison)."""
     if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"x_q {tuple(x_q.shape)} and w_q {tuple(w_q.shape)} must be [M, K] and [N, K]")
@@ -239,11 +260,11 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     if x_scale.shape != (m, 1) or w_scale.shape != (1, n):
         raise ValueError(f"x_scale {tuple(x_scale.shape)} must be [{m}, 1] and w_scale {tuple(w_scale.shape)} [1, {n}]")
     mod = _pick(impl, x_q, "triton_gemm")
-    if mod is not reference and x_q.is_cuda and impl is None and (
-            m > mod.MAX_ROWS or os.environ.get("PAGED_BACKEND_FP8_GEMM") == "cublas"):
+    if mod is not reference and x_q.is_cuda and impl is None and not (
+            m <= mod.MAX_ROWS and getattr(_graph, "on", False) and os.environ.get("PAGED_BACKEND_FP8_GEMM") != "cublas"):
         if out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0:
             return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
-        mod = reference
+        mod = reference if m > mod.MAX_ROWS else mod  # shapes cuBLAS cannot take: ours up to 256 rows
     return mod.fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype)
 
 

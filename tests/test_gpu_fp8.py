@@ -96,3 +96,18 @@ def test_gpu_fp8_fused_input_quantization_changes_nothing(tiny_model_dir, monkey
     for f, p in zip(*runs):
         assert f.token_ids == p.token_ids
         assert abs(f.cumulative_logprob - p.cumulative_logprob) < 1e-2
+
+
+def test_gpu_fp8_gemm_choice_follows_graph_capture():
+    """Up to 256 rows our GEMM runs where the pass is captured into a CUDA graph (kernels.for_cuda_graph),
+    cuBLAS in eager steps (cheaper to launch); above 256 rows cuBLAS either way."""
+    for m in (64, 256, 300):
+        x_q, x_s = kernels.quantize_fp8_rows(torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16))
+        w_q, w_s = kernels.quantize_fp8_rows(torch.randn(3072, 2048, device="cuda", dtype=torch.bfloat16))
+        w_s = w_s.reshape(1, -1)
+        ours = kernels.fp8_matmul(x_q, x_s, w_q, w_s, torch.bfloat16, impl="triton")
+        cublas = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16)
+        assert torch.equal(kernels.fp8_matmul(x_q, x_s, w_q, w_s, torch.bfloat16), cublas)
+        with kernels.for_cuda_graph():
+            got = kernels.fp8_matmul(x_q, x_s, w_q, w_s, torch.bfloat16)
+        assert torch.equal(got, ours if m <= 256 else cublas)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from paged_backend import kernels
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.runtime.step_input import table_width
 
@@ -61,17 +62,18 @@ class DecodeGraphs:
     def capture(self) -> None:
         t0 = time.perf_counter()
         pool = None
-        for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            meta = self._meta(bs)
-            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up (Triton compiles here)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            # thread_local: under tensor parallelism NCCL's watchdog thread polls its events while
-            # this thread captures the all-reduces; only this thread's calls may break the capture.
-            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)
-            pool = g.pool()
-            self.graphs[bs] = g
+        with kernels.for_cuda_graph():  # kernels picked for GPU time: a graph's launches cost nothing on replay
+            for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+                meta = self._meta(bs)
+                self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up (Triton compiles here)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                # thread_local: under tensor parallelism NCCL's watchdog thread polls its events while
+                # this thread captures the all-reduces; only this thread's calls may break the capture.
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+                pool = g.pool()
+                self.graphs[bs] = g
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_batch,
                     time.perf_counter() - t0)
