@@ -260,11 +260,13 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     if x_scale.shape != (m, 1) or w_scale.shape != (1, n):
         raise ValueError(f"x_scale {tuple(x_scale.shape)} must be [{m}, 1] and w_scale {tuple(w_scale.shape)} [1, {n}]")
     mod = _pick(impl, x_q, "triton_gemm")
-    if mod is not reference and x_q.is_cuda and impl is None and not (
-            m <= mod.MAX_ROWS and getattr(_graph, "on", False) and os.environ.get("PAGED_BACKEND_FP8_GEMM") != "cublas"):
-        if out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0:
-            return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
-        mod = reference if m > mod.MAX_ROWS else mod  # shapes cuBLAS cannot take: ours up to 256 rows
+    if impl is None and mod is not reference:  # CUDA
+        in_graph = getattr(_graph, "on", False) and os.environ.get("PAGED_BACKEND_FP8_GEMM") != "cublas"
+        if not (in_graph and m <= mod.MAX_ROWS):
+            if out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0:
+                return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+            if m > mod.MAX_ROWS:  # a shape cuBLAS cannot take: ours up to 256 rows, else the fp32 reference
+                mod = reference
     return mod.fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype)
 
 

@@ -9,8 +9,9 @@ fixed order and scales (no atomics: the result does not depend on scheduling).
 
 Both operands are read along K (x_q [M, K] and w_q [N, K], row-major), the layout fp8 tensor-core
 products take. The kernels call only Triton builtins (tl.full, not tl.zeros or tl.cdiv: those are jit
-helpers, which an interpreted kernel cannot call; see triton_impl.py). Under Triton's interpreter (CPU tests) the fp8 tiles are widened to fp16 before the
-dot: every e4m3 value is an fp16 value and the products are exact in fp32 either way.
+helpers, which an interpreted kernel cannot call; see triton_impl.py). Under Triton's interpreter (CPU
+tests) the fp8 tiles are widened to fp16 before the dot: every e4m3 value is an fp16 value and the
+products are exact in fp32 either way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_ROWS = 256  # kernels.fp8_matmul's default on CUDA: this GEMM up to here, cuBLAS's above (BENCHMARKS.md)
+MAX_ROWS = 256  # kernels.fp8_matmul in CUDA-graph passes: this GEMM up to here, cuBLAS's above (BENCHMARKS.md)
 
 
 class GemmConfig(NamedTuple):

@@ -68,10 +68,12 @@ def table(ms: list[int], sweep: bool) -> list[dict]:
                         timed.append(dict(config=tuple(c), us=t * 1e3, rel_err=e))
                     row["sweep"] = sorted(timed, key=lambda r: r["us"])[:5]
                 rows.append(row)
-                best = " | best " + ", ".join(f"{c['config']} {c['us']:.1f} us" for c in row["sweep"][:3]) if sweep else ""
-                print(f"{model:13s} {name:8s} M={m:5d} cuBLAS {row['cublas_us']:7.1f} us  triton {row['triton_us']:7.1f} us "
-                      f"{cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k}  {row['speedup']:5.2f}x  err {err:.1e}{best}",
-                      flush=True)
+                best = ""
+                if sweep:
+                    best = " | best " + ", ".join(f"{c['config']} {c['us']:.1f} us" for c in row["sweep"][:3])
+                print(f"{model:13s} {name:8s} M={m:5d} cuBLAS {row['cublas_us']:7.1f} us  triton "
+                      f"{row['triton_us']:7.1f} us {cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k}  "
+                      f"{row['speedup']:5.2f}x  err {err:.1e}{best}", flush=True)
                 del x_q, w_q
     return rows
 
