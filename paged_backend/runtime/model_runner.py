@@ -36,6 +36,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # decode steps under CUDA graphs (CUDA only)
         self.sampler = Sampler()
         self._last_sampled: torch.Tensor | None = None  # the previous step's ids, on the device
+        self._prev_in_graph = False  # they are the graphs' own greedy choice, already in graphs.prev_tokens
         label = f"rank {tp.rank}/{tp.size}" if tp.size > 1 else "tp=1"
         self.step_profile = step_profile.from_env(label, device)  # None unless PAGED_BACKEND_PROFILE_STEPS=1
 
@@ -62,7 +63,8 @@ class ModelRunner:
         logger.info("warmed up prompt steps of %s tokens in %.1f s", "/".join(map(str, lens)), time.perf_counter() - t0)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size,
+                                   sample=self.tp.size == 1)
         self.graphs.capture()
 
     def execute(self, step: StepInput, grammar_mask=None) -> SampledTokens | None:
@@ -78,57 +80,82 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, grammar_mask=None) -> SampledTokens | None:
-        prof = self.step_profile
         self.sampler.release(step.released_seeds)
         if step.block_copies:
             src, dst = zip(*step.block_copies)
             kernels.copy_blocks(
                 self.kv_caches, to_device(src, torch.int64, self.device), to_device(dst, torch.int64, self.device)
             )
+        if self.graphs is not None and self.graphs.fits(step):
+            return self._execute_graphed(step, grammar_mask)
+        prof = self.step_profile
         ids, positions, slots, seq_lens, qsl, tables, logit_rows, pending_dst, pending_src = (
             int32_arrays_to_device(step.int32_arrays(), self.device)
         )
-        graphed = self.graphs is not None and step.max_query_len == 1 and step.num_seqs <= self.graphs.max_batch
-        if graphed:  # the graph's int64 buffers take the int32 inputs as they are (one copy each)
-            ids = self.graphs.load(ids, positions, slots, tables, seq_lens)
-        else:
-            ids, positions, slots = ids.long(), positions.long(), slots.long()
+        ids, positions, slots = ids.long(), positions.long(), slots.long()
         if pending_dst.numel():
             ids[pending_dst] = self._previous_tokens(step)[pending_src]
         if prof is not None:
             prof.mark("inputs")
-        if graphed:
-            hidden = self.graphs.replay(step.num_seqs)
-        else:
-            meta = AttentionMetadata(
-                slot_mapping=slots,
-                block_tables=tables,
-                seq_lens=seq_lens,
-                query_start_loc=qsl,
-                max_query_len=step.max_query_len,
-                max_seq_len=step.max_seq_len,
-                plan=kernels.plan_step(slots, tables, seq_lens, qsl, self.block_size),
-            )
-            hidden = self.model(ids, positions, meta)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_tables=tables,
+            seq_lens=seq_lens,
+            query_start_loc=qsl,
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            plan=kernels.plan_step(slots, tables, seq_lens, qsl, self.block_size),
+        )
+        hidden = self.model(ids, positions, meta)
         if prof is not None:
             prof.mark("forward")
         if not step.logit_rows.size:  # rank 0 then has no sampling rows; the workers never get any
-            self._last_sampled = None
+            self._set_last_sampled(None)
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
+        return self._sample(self.model.compute_logits(hidden.index_select(0, logit_rows)), step, grammar_mask)
+
+    def _execute_graphed(self, step: StepInput, grammar_mask) -> SampledTokens | None:
+        """A decode step from the CUDA graphs: the inputs in one copy, pending ids gathered inside the
+        graph (copied in first unless the previous step's graph left them there), and on one GPU the
+        LM head and greedy choice inside the graph too."""
+        prof, graphs = self.step_profile, self.graphs
+        graphs.load(step)
+        if step.pending_src.size and not self._prev_in_graph:
+            prev = self._previous_tokens(step)[: graphs.max_batch]
+            graphs.prev_tokens[: prev.shape[0]].copy_(prev)
+        if prof is not None:
+            prof.mark("inputs")
+        out = graphs.replay(step.num_seqs)
+        if prof is not None:
+            prof.mark("forward")
+        if not graphs.sample:  # tensor parallelism: the LM head gathers every rank's vocab range
+            return self._sample(self.model.compute_logits(out), step, grammar_mask)
+        sampled = self._sample(graphs.logits[: step.num_seqs], step, grammar_mask, greedy=out)
+        self._prev_in_graph = sampled.token_ids is out[0]  # the graph's own choice: prev_tokens holds it
+        return sampled
+
+    def _sample(self, logits: torch.Tensor | None, step: StepInput, grammar_mask, greedy=None) -> SampledTokens | None:
+        """Sample the step's rows from its logits (None on a tensor-parallel worker: rank 0 samples).
+        greedy: the greedy ids and logprobs of these logits, if already chosen (a graph's)."""
+        prof = self.step_profile
         if prof is not None:
             prof.mark("logits")
-        if logits is None:  # a tensor-parallel worker: its vocab range went to rank 0, which samples
+        if logits is None:
             return None
         if step.sample_from is not None:  # forked siblings sample from their parent's row
             logits = logits.index_select(0, to_device(step.sample_from, torch.int64, self.device))
+            greedy = None
         # grammar_mask(bitmask) fills the structured-output masks; the sampler calls it once this
         # step's kernels are queued, so that the host fills them while the device runs them.
-        sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask)
+        sampled = self.sampler.sample(logits, step.sampling_rows, grammar_mask=grammar_mask, greedy=greedy)
         if prof is not None:
             prof.mark("sample")
-        self._last_sampled = sampled.token_ids
+        self._set_last_sampled(sampled.token_ids)
         return sampled
+
+    def _set_last_sampled(self, token_ids: torch.Tensor | None) -> None:
+        self._last_sampled = token_ids
+        self._prev_in_graph = False
 
     def _previous_tokens(self, step: StepInput) -> torch.Tensor:
         """The previous step's sampled ids on the device. Rank 0 sampled them; under tensor
@@ -172,7 +199,7 @@ class ModelRunner:
         if self.step_profile is not None:
             self.step_profile.report()
         self.graphs = None
-        self._last_sampled = None
+        self._set_last_sampled(None)
         self.sampler = Sampler()
         for attn in self.model.attention_layers():
             attn.kv_cache = None

@@ -292,8 +292,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         return self.sample(logits, rows).resolve()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], grammar_mask=None) -> SampledTokens:
-        """grammar_mask (structured outputs): ``fill(bitmask) -> rows`` fills row r of the int32
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], grammar_mask=None, greedy=None) -> SampledTokens:
+        """greedy: (argmax ids, their logprobs) of these logits if already chosen (a CUDA graph chose
+        them with `kernels.greedy_sample`): used when every row is plainly greedy. grammar_mask (structured outputs): ``fill(bitmask) -> rows`` fills row r of the int32
         host bitmask [N, ceil(V / 32)] for each row r under a grammar and returns those rows (None
         if none). It is called only once this step's kernels are queued, so the host fills the
         masks while the device computes; the tokens they forbid are removed before greedy choice,
@@ -309,7 +310,7 @@ class Sampler:
         if facts.all_greedy and not facts.penalised and max_k == 0 and grammar_mask is None:
             # argmax and its fp32 logprob in one pass over the logits as they are (on CUDA; on CPU the
             # same ops as below)
-            token_ids, chosen_lp = kernels.greedy_sample(logits)
+            token_ids, chosen_lp = greedy if greedy is not None else kernels.greedy_sample(logits)
             return SampledTokens(token_ids, chosen_lp, (), facts.want)
         logits = logits.float()
         # Logprobs are of the raw logits: what they need of them is taken before any in-place mask.
