@@ -13,7 +13,9 @@ plain one: Triton then converts after the shared-memory load into the dot operan
 bytes, cvt in registers), with no second round trip of the converted tile through shared memory.
 Measured on an H200 at workload-A contexts (BENCHMARKS.md, tenth session): 80 % of the copy rate at
 head_dim 128, 70 % at 64 (53 % and 52 % before the transposed V; over a bf16 cache the transposed
-product was no faster, so bf16 stays in triton_impl).
+product was no faster, so bf16 stays in triton_impl). At head_dim 64 a program of a full batch takes
+two KV heads (`heads_per_program`): their keys share 128-byte lines (twelfth session: 74 % at
+workload-A contexts, 99 % at 256 x 4k).
 
 Decode-only batches (one new token per sequence), split-K, sliding windows and softcapping as in
 triton_impl (its helpers and split reduce kernel are shared). Loaded through kernels/__init__'s
@@ -89,27 +91,37 @@ def _fp8_decode_kernel(
     stride_pt, stride_ph, stride_ps,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, V_RUN: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr, HP: tl.constexpr,
 ):
-    """Program (b, kvh, split): sequence b's one new token, the G query heads of KV head kvh, keys of split."""
+    """Program (b, pair, split): sequence b's one new token, the HP * G query heads of KV heads
+    [pair * HP, pair * HP + HP), keys of split.
+
+    HP = 2 (head_dim 64, adjacent heads in the cache): a key's two heads are one 128-byte line, read
+    whole by one program instead of half by each of two. Column c of the K and V^T tiles is head
+    c // BLOCK_D's dimension c % BLOCK_D; q^T is block-diagonal (head g's row is zero outside its
+    KV head's columns), so S^T = K q^T is each head's own scores, and of out^T = V^T P^T only the
+    diagonal blocks are stored."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) * HP
     split = tl.program_id(2)
     row = b.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b)
     offs_g = tl.arange(0, GP)
-    g_ok = offs_g < G
+    g_ok = offs_g < HP * G
     head = kvh * G + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_mask[None, :], other=0.0)
+    offs_d = tl.arange(0, HP * BLOCK_D)  # the tiles' columns (both heads' with HP = 2)
+    dim = offs_d % BLOCK_D
+    d_mask = dim < HEAD_DIM
+    own = (offs_d // BLOCK_D)[:, None] == (offs_g // G)[None, :]  # [columns, heads]: column in head's KV head
+    q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + dim[None, :],
+                mask=g_ok[:, None] & d_mask[None, :] & ((offs_g // G)[:, None] == (offs_d // BLOCK_D)[None, :]),
+                other=0.0)
     if q.dtype == tl.float32:
         qk = qk_scale
     else:  # fp16 dots on power-of-two scaled rows, as in triton_impl (the K scale is in qk_scale)
         q, qk = _fp16_rows(q, qk_scale)
         qk = tl.reshape(qk, [GP])[None, :]
-    qt = tl.trans(q)  # [BLOCK_D, GP]: the dots' N operand
+    qt = tl.trans(q)  # [HP * BLOCK_D, GP]: the dots' N operand
 
     lo = 0
     hi = seq_len
@@ -120,7 +132,7 @@ def _fp8_decode_kernel(
         hi = tl.minimum(hi, (split + 1) * chunk_len)
     lo = (lo // BLOCK_N) * BLOCK_N
     full_hi = tl.maximum(lo, (hi // BLOCK_N) * BLOCK_N)  # tiles below it hold written keys only
-    acc = tl.full([BLOCK_D, GP], 0.0, tl.float32)  # out^T
+    acc = tl.full([HP * BLOCK_D, GP], 0.0, tl.float32)  # out^T
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.full([GP], 0.0, tl.float32)
     bt_row = bt_ptr + row * stride_bt
@@ -137,19 +149,29 @@ def _fp8_decode_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     res = acc * (v_scale / l_safe)[None, :]
-    st_mask = d_mask[:, None] & g_ok[None, :]
+    st_mask = d_mask[:, None] & g_ok[None, :] & own
     if SPLIT:  # the split's normalised partial result and its log2-sum-exp, for triton_impl's reduce kernel
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         p_off = row * stride_pt + head * stride_ph + split * stride_ps
-        tl.store(part_out_ptr + p_off[None, :] + offs_d[:, None], res, mask=st_mask)
+        tl.store(part_out_ptr + p_off[None, :] + dim[:, None], res, mask=st_mask)
         tl.store(part_lse_ptr + (row * stride_pt + head * stride_ph) // BLOCK_D + split, lse, mask=g_ok)
     else:
-        tl.store(out_ptr + row * stride_ot + head[None, :] * stride_oh + offs_d[:, None],
+        tl.store(out_ptr + row * stride_ot + head[None, :] * stride_oh + dim[:, None],
                  res.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
+def heads_per_program(d: int, hkv: int, g: int, head_stride: int, batch: int, sms: int) -> int:
+    """2 where a key's two adjacent heads fill one 128-byte line (head_dim 64, heads contiguous in the
+    cache, an even number of them, their 2 G query heads within the dots' N of 16) and the batch still
+    gives every SM two programs without split-K; else 1. On an H200 at batch 256 (BENCHMARKS.md, twelfth
+    session) 2 reads 74-99 % of the copy rate against 68-81 % with 1; at batches of 16 and 64 it was slower."""
+    pairs_fill = batch * (hkv // 2) >= 2 * sms
+    return 2 if d == 64 and head_stride == d and hkv % 2 == 0 and 2 * g <= 16 and pairs_fill else 1
+
+
 def launch_config(d: int) -> tuple[int, int, int]:
-    """(BLOCK_N keys, num_warps, num_stages), from a sweep on an H200 (BENCHMARKS.md)."""
+    """(BLOCK_N keys, num_warps, num_stages) for head_dim d (also with two heads of 64 per program), from
+    sweeps on an H200 (BENCHMARKS.md)."""
     return (64, 1, 2) if d <= 64 else (64, 2, 3)
 
 
@@ -160,19 +182,21 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
     t, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
+    sms = _impl._num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 1
+    hp = heads_per_program(d, hkv, g, kv_cache.stride(3), t, sms)  # (the interpreter counts as one SM)
     block_n, warps, stages = launch_config(d)
     wide = _INTERPRETED or q.dtype == torch.float32
     num_splits, chunk_len, part_out, part_lse, p_strides = _impl.split_plan(q, num_splits, max_seq_len, block_n)
-    _fp8_decode_kernel[(t, hkv, num_splits)](
+    _fp8_decode_kernel[(t, hkv // hp, num_splits)](
         q, kv_cache, out, block_tables, seq_lens, part_out, part_lse,
         qk_scale, v_scale, float(softcap or 0.0), int(sliding_window or 0), chunk_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
-        G=g, GP=triton.next_power_of_2(g), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
+        G=g, GP=triton.next_power_of_2(hp * g), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
         BLOCK_N=block_n, V_RUN=_kv.v_run(block_size, block_n),
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
-        WIDE=wide, DOT_PREC="ieee" if wide else "tf32",
+        WIDE=wide, DOT_PREC="ieee" if wide else "tf32", HP=hp,
         num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:

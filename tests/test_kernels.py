@@ -448,6 +448,8 @@ def test_fp8_triton_decode_default_config(dtype):
     (12, 2, 64, torch.float16, 100, None, 1),  # G = 6, padded to 8 on N
     (16, 2, 128, torch.bfloat16, None, 30.0, 2),  # G = 8, 64-key tiles, softcap, split-K
     (8, 2, 64, torch.float32, 64, 20.0, 3),  # fp32 q (ieee dots), window and softcap, split-K
+    (8, 4, 64, torch.bfloat16, None, None, 2),  # two KV heads per program (G = 2), split-K
+    (6, 3, 64, torch.bfloat16, None, None, 1),  # an odd number of KV heads: one per program
 ])
 def test_fp8_triton_decode_kernel_shapes(hq, hkv, d, dtype, window, softcap, splits):
     """triton_decode's kernel (keys on the dots' M dimension) against the oracle across head groupings,
@@ -458,6 +460,17 @@ def test_fp8_triton_decode_kernel_shapes(hq, hkv, d, dtype, window, softcap, spl
         batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], d**-0.5,
         window, softcap, out, max_query_len=1, max_seq_len=300, k_scale=0.05, v_scale=0.02, num_splits=splits)
     assert rel_err(out, oracle(batch, d**-0.5, window, softcap)) <= TOL[dtype]
+
+
+def test_fp8_decode_heads_per_program_rule():
+    """Two KV heads per program only where their keys share 128-byte lines and the batch fills the GPU."""
+    hpp = kernels._triton_module(True, "triton_decode").heads_per_program
+    assert hpp(64, 8, 4, 64, batch=256, sms=132) == 2  # Llama-3.2-1B at batch 256
+    assert hpp(64, 8, 4, 64, batch=16, sms=132) == 1  # too few programs: split-K's job
+    assert hpp(128, 8, 4, 128, batch=256, sms=132) == 1  # a head's key is a whole line already
+    assert hpp(64, 3, 4, 64, batch=256, sms=132) == 1  # an odd number of KV heads
+    assert hpp(64, 8, 4, 128, batch=256, sms=132) == 1  # heads not adjacent in the cache
+    assert hpp(64, 2, 16, 64, batch=256, sms=132) == 1  # 32 query heads per program: past N = 16
 
 
 @pytest.mark.parametrize("block_size", [8, 24, 128])
