@@ -47,3 +47,26 @@ def test_gpu_bf16_dummy_llama_runs(tmp_path):
     with LLM(str(model_dir), load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.3) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
+
+
+def test_gpu_graph_steps_sample_like_eager_steps(tmp_path):
+    """Decode steps from the CUDA graphs (LM head and greedy choice inside them; other sampling from the
+    graphs' logits) give the tokens of eager steps: greedy, seeded random and mixed batches, logprobs."""
+    from paged_backend.bench import word_level_tokenizer
+
+    model_dir = save_tiny_model("llama", tmp_path / "m", word_level_tokenizer(49152))
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (3, 9, 17, 40, 77, 130)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    params = [greedy if i % 2 else SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=20 + i,
+                                                  ignore_eos=True) for i in range(len(prompts))]
+    results = []
+    for kw in (dict(), dict(enforce_eager=True)):
+        with LLM(str(model_dir), dtype="float32", device="cuda", gpu_memory_utilization=0.3, **kw) as llm:
+            assert (llm.engine.runner.graphs is None) == bool(kw)
+            results.append([(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                            for batch in ([greedy] * len(prompts), params)
+                            for o in llm.generate(prompts, batch, use_tqdm=False)])
+    for (g_ids, g_lp), (e_ids, e_lp) in zip(*results):
+        assert g_ids == e_ids
+        assert g_lp == pytest.approx(e_lp, rel=1e-4, abs=1e-4)

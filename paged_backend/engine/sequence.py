@@ -65,7 +65,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     request_id: str
     prompt: Optional[str]
@@ -89,7 +89,7 @@ class Request:
         return all(s.finished for s in seqs) and len(seqs) == self.params.n
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     request: Request
     index: int  # which of the request's n completions
