@@ -35,7 +35,7 @@ def _prompts(n: int) -> list[list[int]]:
     return [[(i * 37 + j * 11) % 4000 + 5 for j in range(3 + 5 * i)] for i in range(n)]
 
 
-@pytest.mark.parametrize("case", ["greedy", "seeded", "mixed", "n2-logprobs"])
+@pytest.mark.parametrize("case", ["greedy", "seeded", "mixed", "n2-logprobs", "grammar"])
 def test_graph_decode_path_matches_the_eager_runner(case, tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     prompts = _prompts(6)
@@ -47,6 +47,10 @@ def test_graph_decode_path_matches_the_eager_runner(case, tiny_model_dir):
         "mixed": [greedy if i % 2 else SamplingParams(temperature=1.0, seed=i, max_tokens=9 + i, ignore_eos=True)
                   for i in range(len(prompts))],
         "n2-logprobs": SamplingParams(temperature=0.7, n=2, seed=5, logprobs=3, max_tokens=10, ignore_eos=True),
+        # grammar masks applied to the graphs' logits (in place: the buffer is rewritten every step)
+        "grammar": [SamplingParams(temperature=0.0, max_tokens=12, structured_outputs={"regex": "[a-z ]{4,30}"}),
+                    greedy, SamplingParams(temperature=0.8, seed=2, max_tokens=12,
+                                           structured_outputs={"regex": "[0-9]{2,8}"})] * 2,
     }[case]
     expected, _ = _generate(model_dir, prompts, params, graphs=False)
     got, used = _generate(model_dir, prompts, params, graphs=True)
