@@ -112,10 +112,10 @@ def _fp8_decode_kernel(
     offs_d = tl.arange(0, HP * BLOCK_D)  # the tiles' columns (both heads' with HP = 2)
     dim = offs_d % BLOCK_D
     d_mask = dim < HEAD_DIM
-    own = (offs_d // BLOCK_D)[:, None] == (offs_g // G)[None, :]  # [columns, heads]: column in head's KV head
+    col_kv = offs_d // BLOCK_D  # each column's KV head in the program, and each query head's
+    head_kv = offs_g // G
     q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + dim[None, :],
-                mask=g_ok[:, None] & d_mask[None, :] & ((offs_g // G)[:, None] == (offs_d // BLOCK_D)[None, :]),
-                other=0.0)
+                mask=g_ok[:, None] & d_mask[None, :] & (head_kv[:, None] == col_kv[None, :]), other=0.0)
     if q.dtype == tl.float32:
         qk = qk_scale
     else:  # fp16 dots on power-of-two scaled rows, as in triton_impl (the K scale is in qk_scale)
@@ -149,7 +149,7 @@ def _fp8_decode_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     res = acc * (v_scale / l_safe)[None, :]
-    st_mask = d_mask[:, None] & g_ok[None, :] & own
+    st_mask = d_mask[:, None] & g_ok[None, :] & (col_kv[:, None] == head_kv[None, :])  # out^T's diagonal blocks
     if SPLIT:  # the split's normalised partial result and its log2-sum-exp, for triton_impl's reduce kernel
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         p_off = row * stride_pt + head * stride_ph + split * stride_ps
@@ -182,8 +182,8 @@ def fp8_decode(q, kv_cache, block_tables, seq_lens, qk_scale, v_scale, sliding_w
     t, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
-    sms = _impl._num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 1
-    hp = heads_per_program(d, hkv, g, kv_cache.stride(3), t, sms)  # (the interpreter counts as one SM)
+    # (the interpreter counts as one SM, so that the CPU tests' small batches take two heads a program)
+    hp = heads_per_program(d, hkv, g, kv_cache.stride(3), t, _impl.num_sms(q.device, off_cuda=1))
     block_n, warps, stages = launch_config(d)
     wide = _INTERPRETED or q.dtype == torch.float32
     num_splits, chunk_len, part_out, part_lse, p_strides = _impl.split_plan(q, num_splits, max_seq_len, block_n)

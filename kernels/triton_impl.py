@@ -307,8 +307,16 @@ def _split_reduce_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
+def _cuda_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device, off_cuda: int) -> int:
+    """The SM count of a CUDA device; off_cuda for the interpreter (CPU tensors), as the caller's
+    heuristics want it tested there."""
+    if device.type != "cuda":
+        return off_cuda
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _launch_config(max_query_len: int, g: int, d: int, decode: bool, fp8: bool = False):
@@ -331,7 +339,7 @@ def _launch_config(max_query_len: int, g: int, d: int, decode: bool, fp8: bool =
 def _choose_splits(batch: int, hkv: int, max_seq_len: int, device: torch.device, kv_bytes: int = 2) -> int:
     """Split the context only when batch x KV heads leaves the GPU under-filled and contexts are long.
     Counted in bytes: a split reads at least what 128 keys of a 2-byte cache hold (256 fp8 keys)."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 8
+    sms = num_sms(device, off_cuda=8)
     progs = batch * hkv
     min_keys = 128 * max(1, 2 // kv_bytes)
     if progs >= 2 * sms or max_seq_len < 2 * min_keys:

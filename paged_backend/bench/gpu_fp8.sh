@@ -3,7 +3,8 @@
 #   bash paged_backend/bench/gpu_fp8.sh            # results under $OUT (default ./fp8_results)
 # 1. the fp8 GPU tests; 2. the fp8 kernel/linear bench and our fp8 GEMM against cuBLAS; 3. workload A
 # (256 prompts, input U[100,1024], 256 output tokens, greedy) for the Llama-3.2-1B and Llama-3-8B shapes
-# with bf16, fp8 weights, and fp8 weights + fp8 KV cache; a table of the six runs last and one PNG of them (workload_a_fp8.png).
+# with bf16, fp8 weights, and fp8 weights + fp8 KV cache; a table of the six runs last and one PNG of
+# them (workload_a_fp8.png).
 set -u
 OUT=${OUT:-./fp8_results}
 mkdir -p "$OUT"

@@ -294,7 +294,9 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow], grammar_mask=None, greedy=None) -> SampledTokens:
         """greedy: (argmax ids, their logprobs) of these logits if already chosen (a CUDA graph chose
-        them with `kernels.greedy_sample`): used when every row is plainly greedy. grammar_mask (structured outputs): ``fill(bitmask) -> rows`` fills row r of the int32
+        them with `kernels.greedy_sample`): used when every row is plainly greedy.
+
+        grammar_mask (structured outputs): ``fill(bitmask) -> rows`` fills row r of the int32
         host bitmask [N, ceil(V / 32)] for each row r under a grammar and returns those rows (None
         if none). It is called only once this step's kernels are queued, so the host fills the
         masks while the device computes; the tokens they forbid are removed before greedy choice,
