@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import decode_mirror
+
 # An FP8 KV cache stores float8_e4m3fn values x / scale (one K and one V scale per layer), saturated
 # at the format's largest finite value; attention reads them back as value * scale.
 FP8_KV_DTYPE = torch.float8_e4m3fn
@@ -84,6 +86,7 @@ class DecodeBatch:
     # sequence's values).
     pad: torch.Tensor | None
     lone: int | None = None  # the context length when there is one sequence (keys sliced to it, not masked)
+    mirror: decode_mirror.MirrorPlan | None = None  # how the layers' decode mirrors extend or refill
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (the bias, or with a window also -inf at keys older than it), in dtype."""
@@ -153,7 +156,8 @@ def _decode_batch(dec: list[int], qsl: list[int], lens: list[int], block_tables,
     tokens = [qsl[b] for b in dec]
     table = block_tables[:, :width] if len(dec) == block_tables.shape[0] else block_tables[dec, :width]
     # table entries past a sequence's own blocks (padding: 0, -1, anything) read block 0, masked out
-    table = table.long().masked_fill(torch.arange(width, device=dev) >= (ctx + block_size - 1) // block_size, 0)
+    valid = torch.arange(width, device=dev) < (ctx + block_size - 1) // block_size
+    table = table.long().masked_fill(~valid, 0)
     k_rows, v_rows = _block_rows(table.reshape(-1))
     past = torch.arange(width * block_size, device=dev) >= ctx  # [B, W * block_size]
     bias = torch.zeros(past.shape, device=dev).masked_fill_(past, float("-inf")).view(len(dec), 1, 1, -1)
@@ -162,6 +166,7 @@ def _decode_batch(dec: list[int], qsl: list[int], lens: list[int], block_tables,
     return DecodeBatch(
         None if every_row else torch.tensor(tokens, device=dev), k_rows, v_rows, ctx.view(-1, 1, 1, 1), bias,
         pad if pad.numel() else None, lens[dec[0]] if len(dec) == 1 else None,
+        decode_mirror.plan(table, valid, ctx, block_size),
     )
 
 
@@ -289,22 +294,39 @@ def _attend_decode(q, kv_cache, dec: DecodeBatch, scale, sliding_window, softcap
     The G query heads that share a KV head attend as G query rows of that head ([B, Hkv, G, D]): one
     token each, nothing causal between them, so each head's K and V are read once instead of G times
     (SDPA 2x faster at 4-64 sequences on the dev box). A lone sequence's keys are sliced to its context
-    instead of padded and masked."""
+    instead of masked."""
     b, hq, d = q.shape
     hkv = kv_cache.shape[3]
-    k, v = _gather(kv_cache, dec.k_rows, 0), _gather(kv_cache, dec.v_rows, 1)
+    k, v = _decode_kv(kv_cache, dec)
     mask = None
     if dec.lone is not None and sliding_window is None and softcap is None:
-        k, v = k[: dec.lone], v[: dec.lone]
+        k, v = k[:, : dec.lone], v[:, : dec.lone]
     else:
-        if dec.pad is not None:
-            for x in (k, v):  # (as bytes for an fp8 cache: no CPU index_fill_ for float8; zero bytes are 0.0)
-                (x.view(torch.uint8) if x.dtype == FP8_KV_DTYPE else x).view(x.shape[0], -1).index_fill_(0, dec.pad, 0)
         mask = dec.mask(sliding_window, q.dtype)  # [B, 1, 1, S]: the same for every head and query row
-    k = _widen(k, q.dtype).view(b, -1, hkv, d).transpose(1, 2)
-    v = _widen(v, q.dtype).view(b, -1, hkv, d).transpose(1, 2)
+    k, v = _widen(k, q.dtype).transpose(1, 2), _widen(v, q.dtype).transpose(1, 2)
     qg = q.view(b, hkv, hq // hkv, d)
     return _attend(qg, k, v, mask, scale, softcap).reshape(b, hq, d)
+
+
+def _decode_kv(kv_cache, dec: DecodeBatch):
+    """K and V of the decode batch, [B, W * block_size, Hkv, D] each, finite past every context: this
+    layer's decode mirror when it extends the previous step's (kernels/decode_mirror.py), else gathered
+    from the blocks (and the mirror refilled from them)."""
+    b = dec.ctx.shape[0]
+    _, _, _, hkv, d = kv_cache.shape
+    mirror = None
+    if dec.mirror is not None and kv_cache.is_contiguous() and kv_cache.dtype != FP8_KV_DTYPE:
+        mirror = decode_mirror.lookup(kv_cache, dec.mirror)
+        if mirror is not None and mirror.current:
+            return mirror.k, mirror.v
+    k, v = _gather(kv_cache, dec.k_rows, 0), _gather(kv_cache, dec.v_rows, 1)
+    if dec.pad is not None:
+        for x in (k, v):  # (as bytes for an fp8 cache: no CPU index_fill_ for float8; zero bytes are 0.0)
+            (x.view(torch.uint8) if x.dtype == FP8_KV_DTYPE else x).view(x.shape[0], -1).index_fill_(0, dec.pad, 0)
+    k, v = k.view(b, -1, hkv, d), v.view(b, -1, hkv, d)
+    if mirror is not None:
+        mirror.fill(k, v)
+    return k, v
 
 
 def _gather_kv(kv_cache, k_rows, v_rows, ctx, dtype):
