@@ -72,12 +72,16 @@ class Mirror:
         self.cache = weakref.ref(cache)
         self.buf = torch.zeros(2, numel, dtype=cache.dtype, device=cache.device)
         self.serial = 0
-        self.k = self.v = None
+        self.layout: tuple[int, int, int] | None = None
         self.current = False
 
     def bind(self, mp: MirrorPlan, b: int, row: int, hkv: int, d: int) -> None:
+        if self.layout == (b, mp.capacity, mp.width):  # the views of the last step (most steps)
+            return
+        self.layout = (b, mp.capacity, mp.width)
         flat = self.buf[:, : b * mp.capacity * row].view(2, b, mp.capacity, hkv, d)
         self.full_k, self.full_v = flat[0], flat[1]
+        self.rows_k, self.rows_v = self.full_k.view(-1, row), self.full_v.view(-1, row)
         self.k, self.v = self.full_k[:, : mp.width], self.full_v[:, : mp.width]
 
     def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -112,7 +116,7 @@ def lookup(kv_cache: torch.Tensor, mp: MirrorPlan) -> Mirror | None:
     m.current = mp.extends is not None and m.serial == mp.extends
     if m.current:
         new = kv_cache.view(-1, row).index_select(0, mp.new_rows)
-        m.full_k.view(-1, row).index_copy_(0, mp.dst, new[:b])
-        m.full_v.view(-1, row).index_copy_(0, mp.dst, new[b:])
+        m.rows_k.index_copy_(0, mp.dst, new[:b])
+        m.rows_v.index_copy_(0, mp.dst, new[b:])
     m.serial = mp.serial
     return m
