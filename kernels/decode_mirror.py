@@ -10,8 +10,8 @@ same blocks), appends the new tokens' rows, read back from the cache after `stor
 before and refills the mirror. Measured on the 2-core dev box (SmolLM2-135M, fp32, ~300-token
 contexts): the per-step gathers cost ~2.2 ms at one sequence and ~4.3 ms at four.
 
-Mirrors live per thread (the engine's), keyed by their cache tensor, and take at most MAX_BYTES in
-all; past that a layer gathers every step as before.
+Mirrors live per thread (the engine's), keyed by their cache tensor and freed with it, and take at
+most MAX_BYTES in all; past that a layer gathers every step as before.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class Mirror:
     this step's batch (appended), else the caller gathers and calls `fill`."""
 
     def __init__(self, cache: torch.Tensor, numel: int):
-        self.cache = weakref.ref(cache)
         self.buf = torch.zeros(2, numel, dtype=cache.dtype, device=cache.device)
         self.serial = 0
         self.layout: tuple[int, int, int] | None = None
@@ -100,18 +99,16 @@ def lookup(kv_cache: torch.Tensor, mp: MirrorPlan) -> Mirror | None:
     row = hkv * d
     b = mp.dst.shape[0]
     m = entries.get(id(kv_cache))
-    if m is not None and m.cache() is not kv_cache:  # a freed cache's id reused
-        del entries[id(kv_cache)]
-        m = None
     need = b * mp.capacity * row
-    if m is None or m.buf.shape[1] < need:
-        for key in [key for key, e in entries.items() if e.cache() is None]:
-            del entries[key]
+    # (re)allocated when too small, or 4x too large at a refill: a burst of sequences does not keep its
+    # high-water mark for good
+    if m is None or m.buf.shape[1] < need or (mp.extends is None and m.buf.shape[1] > 4 * need):
         others = sum(e.buf.numel() * e.buf.element_size() for key, e in entries.items() if key != id(kv_cache))
         if others + 2 * need * kv_cache.element_size() > MAX_BYTES:
             entries.pop(id(kv_cache), None)
             return None
         m = entries[id(kv_cache)] = Mirror(kv_cache, need)
+        weakref.finalize(kv_cache, entries.pop, id(kv_cache), None)  # freed with its cache (engine shut down)
     m.bind(mp, b, row, hkv, d)
     m.current = mp.extends is not None and m.serial == mp.extends
     if m.current:

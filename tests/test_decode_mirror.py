@@ -131,3 +131,13 @@ def test_mirrors_stay_within_their_budget(monkeypatch):
     assert decode_mirror.lookup(cache, plan.decode.mirror) is None
     monkeypatch.setattr(decode_mirror, "MAX_BYTES", 1 << 20)
     assert decode_mirror.lookup(cache, plan.decode.mirror) is not None
+
+
+def test_a_mirror_is_freed_with_its_cache():
+    cache, table, seq_lens, qsl = _cache_and_plan([5, 9])
+    plan = reference.plan_step(torch.zeros(2, dtype=torch.long), table, seq_lens, qsl, 4)
+    assert decode_mirror.lookup(cache, plan.decode.mirror) is not None
+    key = id(cache)
+    assert key in decode_mirror._state.entries
+    del cache
+    assert key not in decode_mirror._state.entries
