@@ -9,10 +9,11 @@ step that add one token each (decode) are attended as one padded batch: one gath
 blocks and one masked `scaled_dot_product_attention` call per layer, whose mask and block rows the
 step's plan builds once for every layer. On the 2-core dev box that is 1.6-2.3x faster than one
 call per sequence at 1 to 64 sequences of ~300 tokens (fp32, 9/3 heads of 64: 172 -> 105 us at one
-sequence, 2.5 -> 1.4 ms at 16); the query heads that share a KV head go in as rows of that head, so
-each KV head is read once (SDPA 101 -> 47 us at 4 sequences). A lone sequence's keys are sliced to
-its context, no mask. Prompt chunks
-(several query tokens) get one gather and one causal SDPA call each, unmasked wherever every
+sequence, 2.5 -> 1.4 ms at 16). The query heads that share a KV head go in as rows of that head, so
+each KV head is read once (SDPA 101 -> 47 us at 4 sequences); a lone sequence's keys are sliced to
+its context instead of masked. On the CPU, while the same sequences keep decoding, each layer keeps
+that padded batch from step to step and only appends the new tokens (kernels/decode_mirror.py).
+Prompt chunks (several query tokens) get one gather and one causal SDPA call each, unmasked wherever every
 gathered key is visible. Without soft-capping the math is what transformers' sdpa attention does
 in fp32, so greedy ids match it.
 """
@@ -166,7 +167,7 @@ def _decode_batch(dec: list[int], qsl: list[int], lens: list[int], block_tables,
     return DecodeBatch(
         None if every_row else torch.tensor(tokens, device=dev), k_rows, v_rows, ctx.view(-1, 1, 1, 1), bias,
         pad if pad.numel() else None, lens[dec[0]] if len(dec) == 1 else None,
-        decode_mirror.plan(table, valid, ctx, block_size),
+        decode_mirror.plan(table, valid, ctx, block_size) if dev.type == "cpu" else None,
     )
 
 
@@ -315,7 +316,8 @@ def _decode_kv(kv_cache, dec: DecodeBatch):
     b = dec.ctx.shape[0]
     _, _, _, hkv, d = kv_cache.shape
     mirror = None
-    if dec.mirror is not None and kv_cache.is_contiguous() and kv_cache.dtype != FP8_KV_DTYPE:
+    if dec.mirror is not None and kv_cache.device.type == "cpu" and kv_cache.is_contiguous() \
+            and kv_cache.dtype != FP8_KV_DTYPE:
         mirror = decode_mirror.lookup(kv_cache, dec.mirror)
         if mirror is not None and mirror.current:
             return mirror.k, mirror.v
