@@ -46,8 +46,10 @@ class MirrorPlan:
     ctx: torch.Tensor  # [B, 1] context lengths
 
 
-def plan(table: torch.Tensor, valid: torch.Tensor, ctx: torch.Tensor, block_size: int) -> MirrorPlan:
-    """table [B, W] (0 past each sequence's blocks), valid [B, W], ctx [B, 1] int64: this step's plan."""
+def plan(table: torch.Tensor, valid: torch.Tensor, ctx: torch.Tensor, new_rows: torch.Tensor,
+         block_size: int) -> MirrorPlan:
+    """table [B, W] (0 past each sequence's blocks), valid [B, W], ctx [B, 1] int64, new_rows [2B] (the new
+    tokens' K rows, then V rows, in the [-1, Hkv * D] cache view): this step's plan."""
     prev = getattr(_state, "prev", None)
     b, w = table.shape
     extends, capacity = None, (w + SLACK_BLOCKS) * block_size
@@ -55,10 +57,7 @@ def plan(table: torch.Tensor, valid: torch.Tensor, ctx: torch.Tensor, block_size
         same_blocks = torch.equal(table[:, : prev.table.shape[1]].masked_fill(~prev.valid, 0), prev.table)
         if same_blocks and torch.equal(ctx, prev.ctx + 1):
             extends, capacity = prev.serial, prev.capacity
-    pos = ctx - 1
-    k_rows = table.gather(1, pos // block_size) * (2 * block_size) + pos % block_size
-    new_rows = torch.cat((k_rows, k_rows + block_size)).view(-1)
-    dst = (torch.arange(b, device=table.device).view(-1, 1) * capacity + pos).view(-1)
+    dst = (torch.arange(b, device=table.device).view(-1, 1) * capacity + ctx - 1).view(-1)
     mp = MirrorPlan(next(_serials), extends, capacity, w * block_size, new_rows, dst, table, valid, ctx)
     _state.prev = mp
     return mp
@@ -107,8 +106,9 @@ def lookup(kv_cache: torch.Tensor, mp: MirrorPlan) -> Mirror | None:
         if others + 2 * need * kv_cache.element_size() > MAX_BYTES:
             entries.pop(id(kv_cache), None)
             return None
+        if m is None:  # the cache's first mirror: freed with the cache (engine shut down)
+            weakref.finalize(kv_cache, entries.pop, id(kv_cache), None)
         m = entries[id(kv_cache)] = Mirror(kv_cache, need)
-        weakref.finalize(kv_cache, entries.pop, id(kv_cache), None)  # freed with its cache (engine shut down)
     m.bind(mp, b, row, hkv, d)
     m.current = mp.extends is not None and m.serial == mp.extends
     if m.current:

@@ -164,10 +164,14 @@ def _decode_batch(dec: list[int], qsl: list[int], lens: list[int], block_tables,
     bias = torch.zeros(past.shape, device=dev).masked_fill_(past, float("-inf")).view(len(dec), 1, 1, -1)
     pad = torch.nonzero(past.view(-1)).flatten()
     every_row = tokens == list(range(qsl[-1]))
+    mirror = None
+    if dev.type == "cpu":  # the new tokens' cache rows, for the layers' decode mirrors to append
+        new_slots = table.gather(1, (ctx - 1) // block_size) * block_size + (ctx - 1) % block_size
+        (new_k, new_v), _ = _store_rows(new_slots.view(-1), block_size)
+        mirror = decode_mirror.plan(table, valid, ctx, torch.cat((new_k, new_v)), block_size)
     return DecodeBatch(
         None if every_row else torch.tensor(tokens, device=dev), k_rows, v_rows, ctx.view(-1, 1, 1, 1), bias,
-        pad if pad.numel() else None, lens[dec[0]] if len(dec) == 1 else None,
-        decode_mirror.plan(table, valid, ctx, block_size) if dev.type == "cpu" else None,
+        pad if pad.numel() else None, lens[dec[0]] if len(dec) == 1 else None, mirror,
     )
 
 
