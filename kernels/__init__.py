@@ -15,6 +15,9 @@ one kernel each on CUDA):
     gated_activation(x, activation, *, fp8_out=False)   # fp8_out: quantized as quantize_fp8_rows does, fused
     rotary(x, cos, sin)
     greedy_sample(logits)                         # argmax per row and its log-probability
+and the linears' matmul:
+    linear(x, weight, bias=None)                  # F.linear; the few rows of a CPU decode step: cpu_linear.py
+    load_cpu_linear()                             # builds / loads that kernel (engine start-up on the CPU)
 
 `impl="triton"` / `impl="reference"` forces an implementation. Triton on CPU tensors runs through
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set
@@ -44,10 +47,13 @@ import threading
 
 import torch
 
-from . import reference
+import torch.nn.functional as F
+
+from . import cpu_linear, reference
 
 __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
-           "quantize_fp8_rows", "fp8_matmul", "for_cuda_graph", "greedy_sample", "plan_step", "reference"]
+           "quantize_fp8_rows", "fp8_matmul", "for_cuda_graph", "greedy_sample", "plan_step", "reference",
+           "linear", "load_cpu_linear"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -327,3 +333,17 @@ def greedy_sample(logits: torch.Tensor, *, impl: str | None = None) -> tuple[tor
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
     return _pick(impl, logits, "triton_fused").greedy_sample(logits)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias: F.linear, except at most cpu_linear.MAX_ROWS fp32 rows on the CPU, which
+    the project's own kernel computes (it reads the weights once however many rows there are)."""
+    if cpu_linear.fits(x, weight):
+        return cpu_linear.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def load_cpu_linear() -> bool:
+    """Build (first time on a machine) or load the CPU linear kernel now rather than in the first
+    decode step; False when it is unavailable (every call then uses F.linear)."""
+    return cpu_linear.load() is not None

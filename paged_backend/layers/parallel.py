@@ -9,7 +9,7 @@ joins the slices.
   the embedding masks ids outside its range and all-reduces, the LM head's logits are gathered to
   rank 0, where the sampler runs.
 
-With one rank every layer is exactly the single-device layer it extends (nn.Linear, nn.Embedding,
+With one rank every layer is exactly the single-device layer it extends (Linear, nn.Embedding,
 MergedLinear) and no collective is issued. Checkpoint tensors arrive whole-shaped (a torch tensor or a
 lazy slice of a file with `.shape` and `.narrow`); `shard_of` cuts out this rank's part, so a rank
 reads only its own rows/columns.
@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from paged_backend.layers.linear import MergedLinear
+from paged_backend import kernels
+from paged_backend.layers.linear import Linear, MergedLinear
 
 
 def materialize(weight) -> torch.Tensor:
@@ -127,7 +128,7 @@ class MergedColumnParallelLinear(MergedLinear):
         super().load_shard(param_name, shard, tensor.narrow(0, start, rows))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = all_reduce(x_r @ W_r^T) + b: x_r is this rank's slice of the input features (the output
     of a column-parallel layer), W_r the matching columns of the weight."""
 
@@ -144,7 +145,7 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(kernels.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
@@ -180,7 +181,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out * mine.unsqueeze(-1).to(out.dtype))
 
 
-class ParallelLMHead(nn.Linear):
+class ParallelLMHead(Linear):
     """The LM head over this rank's vocab range; `gather` assembles full logits on rank 0."""
 
     def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup = SINGLE):

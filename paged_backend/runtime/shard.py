@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from paged_backend import kernels
 from paged_backend.args import EngineArgs
 from paged_backend.layers.parallel import SINGLE, TPGroup
 from paged_backend.layers.linear import use_input_major_weights
@@ -123,6 +124,8 @@ def build_shard(
                         "%d norms / activations quantize their output for them", n, fused)
         if device.type == "cpu":
             use_input_major_weights(model)
+    if device.type == "cpu" and spec.dtype == torch.float32:
+        kernels.load_cpu_linear()  # compiled here on a machine's first run, not in the first decode step
     elif spec.quantization == "fp8":  # quantizing would rewrite the caller's own model object
         raise ValueError("quantization='fp8' needs a model name or path, not a loaded model object")
     runner = ModelRunner(model, device, args.block_size, tp)
