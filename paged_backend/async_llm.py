@@ -57,11 +57,10 @@ class _Stream:
     tag: int
     loop: Optional[asyncio.AbstractEventLoop]
 
-    def put(self, item) -> None:
-        if self.loop is None:
-            self.queue.put((self.tag, item))
-        else:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, item))
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, entry in puts:
+        q.put_nowait(entry)
 
 
 class AsyncLLM:
@@ -134,8 +133,7 @@ class AsyncLLM:
                     err = EngineDeadError(f"request {rid} aborted: the engine step failed: {e!r}")
                     err.__cause__ = e
                     outputs.append(_Tagged(rid, err))
-            for out in outputs:
-                self._deliver(out.request_id, out.error if isinstance(out, _Tagged) else out)
+            self._deliver_all([(out.request_id, out.error if isinstance(out, _Tagged) else out) for out in outputs])
 
     def _on_engine(self, fn: Callable[[], Any], wait: bool = True) -> Any:
         """Run fn on the engine thread between two steps (right away when idle) and, with wait, return its
@@ -151,15 +149,29 @@ class AsyncLLM:
         return call.wait() if wait else None
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        try:
-            stream.put(item)
-        except RuntimeError:  # the consumer's event loop is gone: nobody reads this request
-            self._streams.pop(request_id, None)
-            if threading.current_thread() is self._thread:
-                self.engine.abort_request(request_id)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """Hand each (request id, output or error) to its request's stream: the sync streams' queues
+        directly, and one call per event loop for the rest (a step's outputs for many streams of one
+        loop wake it once, not once per stream)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, _Stream, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if stream.loop is None:
+                stream.queue.put((stream.tag, item))
+            else:
+                by_loop.setdefault(stream.loop, []).append((request_id, stream, item))
+        for loop, entries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(stream.queue, (stream.tag, item)) for _, stream, item in entries])
+            except RuntimeError:  # the consumers' event loop is gone: nobody reads these requests
+                for request_id, _, _ in entries:
+                    self._streams.pop(request_id, None)
+                    if threading.current_thread() is self._thread:
+                        self.engine.abort_request(request_id)
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(

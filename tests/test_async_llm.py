@@ -62,6 +62,33 @@ def test_64_concurrent_streams_equal_offline_results(engine, model_dir):
     assert stats.num_blocks_used == 0
 
 
+def test_streams_whose_event_loop_closed_are_aborted(engine):
+    """Consumers that vanish with their event loop (closed without closing their streams): the engine
+    thread's next delivery to that loop fails, and it aborts every request the loop was reading,
+    freeing their blocks, while a request of another loop goes on."""
+    prompts = _prompts(4)
+    long_params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    gone = asyncio.new_event_loop()
+    streams = [engine.generate(p, long_params) for p in prompts[:3]]
+    for s in streams:
+        gone.run_until_complete(s.__anext__())
+    generated = engine.stats().total_generated_tokens
+    gone.close()
+
+    async def survivor():
+        return [o async for o in engine.generate(prompts[3], PARAMS)][-1]
+
+    final = asyncio.run(survivor())
+    assert final.finished and len(final.outputs[0].token_ids) == PARAMS.max_tokens
+    deadline = time.time() + 30
+    while engine.stats().num_running and time.time() < deadline:
+        time.sleep(0.05)
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_blocks_used == 0
+    # aborted at the first step after the close, not run on to their 300 tokens each
+    assert stats.total_generated_tokens - generated < 100
+
+
 def test_abort_and_cancel_half_frees_their_blocks(engine):
     prompts = _prompts(16)
     long_params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
