@@ -16,8 +16,10 @@ one kernel each on CUDA):
     rotary(x, cos, sin)
     greedy_sample(logits)                         # argmax per row and its log-probability
 and the linears' matmul:
-    linear(x, weight, bias=None)                  # F.linear; the few rows of a CPU decode step: cpu_linear.py
-    load_cpu_linear()                             # builds / loads that kernel (engine start-up on the CPU)
+    linear(x, weight, bias=None)                  # F.linear; the few rows of a CPU decode step: cpu_ext.py
+    load_cpu_kernels()                            # builds / loads the CPU kernels (engine start-up on the CPU)
+On the CPU, fp32 rms_norm / gated_activation / rotary / linear run the project's C++ kernels (cpu_ext.py)
+unless impl names one; the reference stays the plain-torch twin (and the GPU tests' oracle).
 
 `impl="triton"` / `impl="reference"` forces an implementation. Triton on CPU tensors runs through
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set
@@ -49,11 +51,11 @@ import torch
 
 import torch.nn.functional as F
 
-from . import cpu_linear, reference
+from . import cpu_ext, reference
 
 __all__ = ["store_kv", "paged_attention", "copy_blocks", "rms_norm", "gated_activation", "rotary",
            "quantize_fp8_rows", "fp8_matmul", "for_cuda_graph", "greedy_sample", "plan_step", "reference",
-           "linear", "load_cpu_linear"]
+           "linear", "load_cpu_kernels"]
 
 _IMPLS = ("triton", "reference")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, reference.FP8_KV_DTYPE)
@@ -305,6 +307,10 @@ def rms_norm(
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     if fp8_out and not gemma and torch.promote_types(weight.dtype, x.dtype) != x.dtype:
         raise ValueError(f"fp8_out needs the norm's output in x's dtype {x.dtype}, but weight is {weight.dtype}")
+    if impl is None and not fp8_out and x.device.type == "cpu":
+        out = cpu_ext.rms_norm(x, weight, eps, residual, gemma)
+        if out is not None:
+            return out
     return _pick(impl, x, "triton_fused").rms_norm(x, weight, eps, residual, gemma, fp8_out)
 
 
@@ -315,6 +321,10 @@ def gated_activation(x: torch.Tensor, activation: str, *, fp8_out: bool = False,
         raise ValueError(f"activation {activation!r}: expected one of {sorted(reference.ACTIVATIONS)}")
     if x.shape[-1] % 2:
         raise ValueError(f"the last dim of x {tuple(x.shape)} must be even: cat(gate, up)")
+    if impl is None and not fp8_out and x.device.type == "cpu":
+        out = cpu_ext.gated_activation(x, activation)
+        if out is not None:
+            return out
     return _pick(impl, x, "triton_fused").gated_activation(x, activation, fp8_out)
 
 
@@ -323,6 +333,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str |
     transformers does; returns a new contiguous tensor."""
     if x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2] // 2) or sin.shape != cos.shape:
         raise ValueError(f"x {tuple(x.shape)} must be [T, H, D] and cos/sin [T, D/2]; got {tuple(cos.shape)}")
+    if impl is None and x.device.type == "cpu":
+        out = cpu_ext.rotary(x, cos, sin)
+        if out is not None:
+            return out
     return _pick(impl, x, "triton_fused").rotary(x, cos, sin)
 
 
@@ -336,14 +350,14 @@ def greedy_sample(logits: torch.Tensor, *, impl: str | None = None) -> tuple[tor
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias: F.linear, except at most cpu_linear.MAX_ROWS fp32 rows on the CPU, which
+    """x @ weight^T + bias: F.linear, except at most cpu_ext.MAX_ROWS fp32 rows on the CPU, which
     the project's own kernel computes (it reads the weights once however many rows there are)."""
-    if cpu_linear.fits(x, weight):
-        return cpu_linear.linear(x, weight, bias)
+    if cpu_ext.fits_linear(x, weight):
+        return cpu_ext.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def load_cpu_linear() -> bool:
-    """Build (first time on a machine) or load the CPU linear kernel now rather than in the first
-    decode step; False when it is unavailable (every call then uses F.linear)."""
-    return cpu_linear.load() is not None
+def load_cpu_kernels() -> bool:
+    """Build (first time on a machine) or load the CPU kernels now rather than in the first step;
+    False when they are unavailable (F.linear and the reference ops then run instead)."""
+    return cpu_ext.load() is not None

@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <cstring>
 
@@ -113,8 +112,4 @@ at::Tensor small_rows_linear(const at::Tensor& x, const at::Tensor& w) {
   });
   for (int64_t n = tiles * NR; n < N; n++) all_rows<1>(xp, wp + n * K, yp + n, M, K, N, nullptr);
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_rows_linear", &small_rows_linear, "x [M, K] @ w[N, K]^T, fp32, for small M");
 }

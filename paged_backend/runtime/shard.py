@@ -125,7 +125,7 @@ def build_shard(
         if device.type == "cpu":
             use_input_major_weights(model)
     if device.type == "cpu" and spec.dtype == torch.float32:
-        kernels.load_cpu_linear()  # compiled here on a machine's first run, not in the first decode step
+        kernels.load_cpu_kernels()  # compiled here on a machine's first run, not in the first decode step
     elif spec.quantization == "fp8":  # quantizing would rewrite the caller's own model object
         raise ValueError("quantization='fp8' needs a model name or path, not a loaded model object")
     runner = ModelRunner(model, device, args.block_size, tp)

@@ -1,0 +1,132 @@
+"""The CPU kernels (kernels/cpu_ext.py: the small-batch linear, the fused element-wise ops) against F.linear
+and the reference ops, and their dispatch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from paged_backend import kernels
+from paged_backend.kernels import cpu_ext, reference
+from paged_backend.layers.linear import Linear, MergedLinear, use_input_major_weights
+
+
+def _has_compiler() -> bool:
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler: the kernel cannot be built here")
+def test_the_kernel_builds_where_there_is_a_compiler():
+    assert kernels.load_cpu_kernels(), "a machine with a C++ compiler must get the kernel, not the F.linear fallback"
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 12, 13, 16, 31, 64])
+@pytest.mark.parametrize("n,k", [(1, 16), (4, 64), (67, 37), (130, 577), (96, 1536)])
+def test_matches_f_linear(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    assert cpu_ext.fits_linear(x, w)
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_keeps_leading_dims_and_reads_strided_inputs():
+    x = torch.randn(2, 3, 80)[:, :, ::2]  # [2, 3, 40], not contiguous
+    w = torch.randn(24, 40)
+    out = kernels.linear(x, w)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_what_it_does_not_take_goes_to_f_linear():
+    w = torch.randn(24, 40)
+    many = torch.randn(cpu_ext.MAX_ROWS + 1, 40)
+    assert not cpu_ext.fits_linear(many, w) and torch.equal(kernels.linear(many, w), F.linear(many, w))
+    x16, w16 = torch.randn(3, 40, dtype=torch.bfloat16), w.bfloat16()
+    assert not cpu_ext.fits_linear(x16, w16) and torch.equal(kernels.linear(x16, w16), F.linear(x16, w16))
+    strided_w = torch.randn(40, 24).t()  # an input-major weight
+    assert not cpu_ext.fits_linear(torch.randn(3, 40), strided_w)
+    empty = torch.randn(0, 40)
+    assert not cpu_ext.fits_linear(empty, w) and kernels.linear(empty, w).shape == (0, 24)
+
+
+def test_autograd_goes_to_f_linear():
+    lin = Linear(40, 24)
+    x = torch.randn(3, 40)
+    assert not cpu_ext.fits_linear(x, lin.weight)  # the weight is a parameter that requires grad
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None
+    with torch.inference_mode():
+        assert cpu_ext.fits_linear(x, lin.weight)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PAGED_BACKEND_CPU_KERNELS", "0")
+    assert cpu_ext._build() is False
+
+
+def test_the_project_linears_keep_their_layout_for_the_kernel():
+    """Input-major storage (MKL's faster small-M layout) is only for plain nn.Linear modules (transformers'
+    own); the project's Linear keeps [out, in] row-major, which the kernel reads."""
+    model = torch.nn.Sequential(Linear(40, 24), MergedLinear(40, {"a": 8, "b": 16}), torch.nn.Linear(40, 24))
+    assert use_input_major_weights(model) == 1
+    assert model[0].weight.is_contiguous() and model[1].weight.is_contiguous()
+    assert not model[2].weight.is_contiguous() and model[2].weight.t().is_contiguous()
+
+
+# ---- the fused element-wise ops against the reference (the same arithmetic, in another order) ----
+def _close(got, ref):
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [576, 37, 8])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_reference(n, gemma, with_residual):
+    g = torch.Generator().manual_seed(n)
+    x, w = torch.randn(2, 5, n, generator=g) * 3, torch.randn(n, generator=g)
+    res = torch.randn(2, 5, n, generator=g) if with_residual else None
+    got = cpu_ext.rms_norm(x, w, 1e-6, res, gemma)
+    assert got is not None
+    ref = reference.rms_norm(x, w, 1e-6, res, gemma)
+    if with_residual:
+        _close(got[0], ref[0])
+        assert torch.equal(got[1], ref[1])  # the sum is one fp32 add either way
+    else:
+        _close(got, ref)
+    assert kernels.rms_norm(x, w, 1e-6, res, gemma=gemma) is not None  # the CPU dispatch takes it
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("f", [1536, 40, 3])
+def test_gated_activation_matches_the_reference(activation, f):
+    g = torch.Generator().manual_seed(f)
+    x = torch.randn(7, 2 * f, generator=g) * 4
+    ends = torch.tensor([-200.0, -90.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 200.0])  # exp's range ends
+    x[0, : min(8, f)] = ends[: min(8, f)]
+    got = cpu_ext.gated_activation(x, activation)
+    _close(got, reference.gated_activation(x, activation))
+    assert torch.isfinite(got).all()
+
+
+def test_rotary_matches_the_reference_on_strided_heads():
+    t, hq, hkv, d = 9, 6, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hkv) * d)
+    q = qkv[:, : hq * d].view(t, hq, d)  # how the attention layer splits its fused projection
+    pos = torch.arange(t, dtype=torch.float32)[:, None] * torch.rand(d // 2)
+    cos, sin = pos.cos(), pos.sin()
+    got = cpu_ext.rotary(q, cos, sin)
+    assert got.is_contiguous()
+    _close(got, reference.rotary(q, cos, sin))
+
+
+def test_the_fused_ops_leave_other_inputs_to_the_reference():
+    x16 = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert cpu_ext.rms_norm(x16, torch.ones(8, dtype=torch.bfloat16), 1e-6, None, False) is None
+    assert cpu_ext.gated_activation(torch.randn(3, 8), "gelu") is None  # erf: the reference's
+    assert cpu_ext.rms_norm(torch.randn(8, 3).t(), torch.ones(8), 1e-6, None, False) is None  # strided rows
+    assert cpu_ext.rotary(torch.randn(4, 2, 8)[..., ::2], torch.ones(4, 2), torch.ones(4, 2)) is None
