@@ -10,7 +10,8 @@
 The extension is compiled with the machine's C++ compiler (torch.utils.cpp_extension, -O3
 -march=native, OpenMP: ~20 s once, then loaded from torch's extension cache in well under a second).
 Without a compiler, or with PAGED_BACKEND_CPU_KERNELS=0, everything runs as before (F.linear and the
-reference ops); the reason is logged once.
+reference ops); the reason is logged once. PAGED_BACKEND_CPU_ARCH (default native) is the -march target:
+the tests also build x86-64-v3 (AVX2, 8 lanes) and x86-64 (the 4-lane path that NEON machines take).
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ def _build():
         return False
     from torch.utils import cpp_extension
 
-    name = f"paged_backend_cpu_{_cpu_tag()}"
+    arch = os.environ.get("PAGED_BACKEND_CPU_ARCH", "native")  # e.g. x86-64-v3: an AVX2-only build (tests)
+    name = f"paged_backend_cpu_{_cpu_tag()}_{arch.replace('-', '_')}"
     t0 = time.perf_counter()
     logger.info("loading the CPU kernels (the first time on a machine they are compiled: ~20 s)")
     try:
         module = cpp_extension.load(
-            name=name, sources=_SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            name=name, sources=_SOURCES, extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as exc:  # no compiler or ninja, or an unsupported platform

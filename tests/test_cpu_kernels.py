@@ -3,7 +3,11 @@ and the reference ops, and their dispatch."""
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,3 +134,38 @@ def test_the_fused_ops_leave_other_inputs_to_the_reference():
     assert cpu_ext.gated_activation(torch.randn(3, 8), "gelu") is None  # erf: the reference's
     assert cpu_ext.rms_norm(torch.randn(8, 3).t(), torch.ones(8), 1e-6, None, False) is None  # strided rows
     assert cpu_ext.rotary(torch.randn(4, 2, 8)[..., ::2], torch.ones(4, 2), torch.ones(4, 2)) is None
+
+
+_OTHER_ARCH_CHECK = """
+import torch, torch.nn.functional as F
+from paged_backend.kernels import cpu_ext, reference
+assert cpu_ext.load() is not None
+g = torch.Generator().manual_seed(0)
+for m in (1, 2, 3, 7, 16, 33):
+    for n, k in ((4, 64), (67, 37), (130, 577)):
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+        torch.testing.assert_close(cpu_ext.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+x, r, w = torch.randn(5, 37, generator=g), torch.randn(5, 37, generator=g), torch.randn(37, generator=g)
+out, total = cpu_ext.rms_norm(x, w, 1e-6, r, True)
+ref = reference.rms_norm(x, w, 1e-6, r, True)
+torch.testing.assert_close(out, ref[0], rtol=2e-6, atol=2e-6)
+for act in ("silu", "gelu_tanh"):
+    h = torch.randn(3, 2 * 45, generator=g) * 4
+    torch.testing.assert_close(cpu_ext.gated_activation(h, act), reference.gated_activation(h, act), rtol=2e-6, atol=2e-6)
+q = torch.randn(4, 3, 2 * 40, generator=g)
+cos, sin = torch.randn(4, 40, generator=g), torch.randn(4, 40, generator=g)
+torch.testing.assert_close(cpu_ext.rotary(q, cos, sin), reference.rotary(q, cos, sin), rtol=2e-6, atol=2e-6)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or not _has_compiler(), reason="x86-64 targets, a C++ compiler")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_the_avx2_and_4_lane_builds_compute_the_same(arch):
+    """Laptops without AVX-512 get the 8-lane (AVX2) or 4-lane (NEON-like) code paths: build them here, in a
+    fresh process, and check them against F.linear and the reference ops."""
+    env = dict(os.environ, PAGED_BACKEND_CPU_ARCH=arch)
+    done = subprocess.run([sys.executable, "-c", _OTHER_ARCH_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
