@@ -48,7 +48,6 @@ import sys
 import threading
 
 import torch
-
 import torch.nn.functional as F
 
 from . import cpu_ext, reference
@@ -307,10 +306,10 @@ def rms_norm(
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     if fp8_out and not gemma and torch.promote_types(weight.dtype, x.dtype) != x.dtype:
         raise ValueError(f"fp8_out needs the norm's output in x's dtype {x.dtype}, but weight is {weight.dtype}")
-    if impl is None and not fp8_out and x.device.type == "cpu":
+    if impl is None and x.device.type == "cpu":  # (fp8_out: quantized from the same norm as without it)
         out = cpu_ext.rms_norm(x, weight, eps, residual, gemma)
         if out is not None:
-            return out
+            return reference.fp8_rows_of(out) if fp8_out else out
     return _pick(impl, x, "triton_fused").rms_norm(x, weight, eps, residual, gemma, fp8_out)
 
 
@@ -321,10 +320,10 @@ def gated_activation(x: torch.Tensor, activation: str, *, fp8_out: bool = False,
         raise ValueError(f"activation {activation!r}: expected one of {sorted(reference.ACTIVATIONS)}")
     if x.shape[-1] % 2:
         raise ValueError(f"the last dim of x {tuple(x.shape)} must be even: cat(gate, up)")
-    if impl is None and not fp8_out and x.device.type == "cpu":
+    if impl is None and x.device.type == "cpu":
         out = cpu_ext.gated_activation(x, activation)
         if out is not None:
-            return out
+            return reference.fp8_rows_of(out) if fp8_out else out
     return _pick(impl, x, "triton_fused").gated_activation(x, activation, fp8_out)
 
 

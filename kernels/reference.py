@@ -433,10 +433,7 @@ def dense_attention_oracle(q, k, v, q_pos, k_pos, scale, sliding_window=None, so
 # ---- element-wise ops: the models' own torch code, identical to transformers' -------------------
 def rms_norm(x, weight, eps, residual=None, gemma=False, fp8_out=False):
     if fp8_out:  # the unfused arithmetic: the norm in x's dtype, then per-row fp8
-        out = rms_norm(x, weight, eps, residual, gemma)
-        if residual is None:
-            return quantize_fp8_rows(out.reshape(-1, x.shape[-1]))
-        return quantize_fp8_rows(out[0].reshape(-1, x.shape[-1])), out[1]
+        return fp8_rows_of(rms_norm(x, weight, eps, residual, gemma))
     if residual is not None:
         x = x + residual
         residual = x
@@ -463,7 +460,15 @@ ACTIVATIONS = {
 def gated_activation(x, activation, fp8_out=False):
     gate, up = x.chunk(2, dim=-1)
     out = ACTIVATIONS[activation](gate) * up
-    return quantize_fp8_rows(out.reshape(-1, out.shape[-1])) if fp8_out else out
+    return fp8_rows_of(out) if fp8_out else out
+
+
+def fp8_rows_of(out):
+    """The fp8_out form of an rms_norm / gated_activation result (`out`, or `(out, residual)`): `out`'s rows
+    quantized by quantize_fp8_rows, the residual as it is."""
+    if isinstance(out, tuple):
+        return fp8_rows_of(out[0]), out[1]
+    return quantize_fp8_rows(out.reshape(-1, out.shape[-1]))
 
 
 def rotary(x, cos, sin):
