@@ -319,3 +319,17 @@ def test_a_batch_kept_step_after_step_reuses_nothing_stale():
     assert out.top_logprobs[0] is None and len(out.top_logprobs[1]) >= 2
     fresh = Sampler()(logits, [greedy, cold])
     assert out.token_ids == fresh.token_ids  # the seeded row's first draw, as a fresh sampler's
+
+
+def test_cpu_inverse_cdf_never_draws_a_zero_probability_token(monkeypatch):
+    """The CPU draw (inverse CDF): u at both ends of [0, 1) lands on the first / last token of nonzero
+    probability, never on a filtered one, also where u * total rounds up to total."""
+    from paged_backend.runtime import sampler as sampler_mod
+
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    for u, expected in ((0.0, [1, 2]), (float(np.nextafter(1.0, 0.0)), [3, 2])):
+        monkeypatch.setattr(sampler_mod.torch, "rand", lambda *a, _u=u, **k: torch.full(a if a else (1,), _u,
+                                                                                          dtype=torch.float64))
+        assert sampler_mod._inverse_cdf_draw(probs, [False, False], [None, None]).tolist() == expected
+    monkeypatch.setattr(sampler_mod.torch, "rand", lambda *a, **k: torch.ones(a, dtype=torch.float64))  # u = total
+    assert sampler_mod._inverse_cdf_draw(probs, [False, False], [None, None]).tolist() == [3, 2]
