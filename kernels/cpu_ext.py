@@ -6,6 +6,7 @@
   dtypes, autograd and CUDA go to F.linear.
 - cpu_fused.cpp: RMSNorm (+ residual), the gated activations silu and gelu_tanh, the neox rotary, one
   pass each instead of torch's 3-8 ops.
+(cpu_vec.h: their shared vector type, lane sum and exp.)
 
 The extension is compiled with the machine's C++ compiler (torch.utils.cpp_extension, -O3
 -march=native, OpenMP: 10-30 s once, then loaded from torch's extension cache in well under a second).
@@ -142,3 +143,4 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return None
     module = load()
     return None if module is None else module.rotary(x, cos, sin)
+

@@ -10,49 +10,9 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <tuple>
 
-#if defined(__AVX512F__)
-constexpr int LANES = 16;
-#elif defined(__AVX__)
-constexpr int LANES = 8;
-#else
-constexpr int LANES = 4;
-#endif
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-static inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(vec));
-  return v;
-}
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-
-// e^x (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n)
-static inline vec vexp(vec x) {
-  const vec hi = (vec){} + 88.3762626647949f, lo = (vec){} - 87.3365478515625f, half = (vec){} + 0.5f;
-  x = x < hi ? x : hi;
-  x = x > lo ? x : lo;
-  vec fx = x * 1.44269504088896341f;
-  ivec n = __builtin_convertvector(fx + (fx >= 0.f ? half : -half), ivec);  // rounded to nearest
-  vec nf = __builtin_convertvector(n, vec);
-  vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vec y = 1.9875691500e-4f + (vec){};
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  ivec bits = (n + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof(vec));
-  return y * scale;
-}
+#include "cpu_vec.h"
 
 // ---- RMSNorm ------------------------------------------------------------------------------------
 // out = w' * (s / sqrt(mean(s^2) + eps)), s = x (+ residual, also returned), w' = w (+ 1 for gemma)
@@ -83,8 +43,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
         vec v = load(s + i);
         acc += v * v;
       }
-      float ss = 0.f;
-      for (int l = 0; l < LANES; l++) ss += acc[l];
+      float ss = lane_sum(acc);
       for (; i < n; i++) ss += s[i] * s[i];
       const float inv = 1.f / std::sqrt(ss / n + static_cast<float>(eps));
       float* o = op + row * n;

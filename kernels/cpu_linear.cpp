@@ -14,23 +14,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include <cstring>
+#include "cpu_vec.h"
 
 #if defined(__AVX512F__)
-constexpr int LANES = 16, MR = 6, NR = 4;  // 24 zmm accumulators + 4 weight vectors of 32 registers
+constexpr int MR = 6, NR = 4;  // 24 zmm accumulators + 4 weight vectors of 32 registers
 #elif defined(__AVX__)
-constexpr int LANES = 8, MR = 2, NR = 4;  // 16 ymm registers
+constexpr int MR = 2, NR = 4;  // 16 ymm registers
 #else
-constexpr int LANES = 4, MR = 6, NR = 4;  // 128-bit vectors (NEON: 32 registers)
+constexpr int MR = 6, NR = 4;  // 128-bit vectors (NEON: 32 registers)
 #endif
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline float lane_sum(vec v) {
-  float s = 0.f;
-  for (int l = 0; l < LANES; l++) s += v[l];
-  return s;
-}
 
 // The NR sums of rows of 4 accumulators (AVX-512): a shuffle tree instead of 4 x 16 scalar adds.
 static inline void sums4(const vec* a, float* s) {

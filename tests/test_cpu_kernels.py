@@ -169,3 +169,4 @@ def test_the_avx2_and_4_lane_builds_compute_the_same(arch):
     done = subprocess.run([sys.executable, "-c", _OTHER_ARCH_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
