@@ -6,7 +6,9 @@
   dtypes, autograd and CUDA go to F.linear.
 - cpu_fused.cpp: RMSNorm (+ residual), the gated activations silu and gelu_tanh, the neox rotary, one
   pass each instead of torch's 3-8 ops.
-(cpu_vec.h: their shared vector type, lane sum and exp.)
+- cpu_attention.cpp: decode attention over the padded decode batch (no window, no soft-cap), each
+  sequence's K and V read from memory once for the query heads that share them.
+(cpu_vec.h: their shared vector type, lane sums and exp.)
 
 The extension is compiled with the machine's C++ compiler (torch.utils.cpp_extension, -O3
 -march=native, OpenMP: 10-30 s once, then loaded from torch's extension cache in well under a second).
@@ -32,7 +34,8 @@ logger = logging.getLogger("paged_backend")
 
 MAX_ROWS = 64  # past ~64-96 rows MKL's blocked GEMM is faster (BENCHMARKS.md)
 _NOTICE_AFTER_S = 2.0  # a load that takes longer is a compile: say so
-_SOURCES = [str(Path(__file__).with_name(f)) for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp")]
+_SOURCES = [str(Path(__file__).with_name(f))
+            for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_attention.cpp")]
 _lock = threading.Lock()
 _module = None  # the loaded extension; False once loading failed or is disabled
 
@@ -144,3 +147,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     module = load()
     return None if module is None else module.rotary(x, cos, sin)
 
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: torch.Tensor, scale: float):
+    """softmax(scale q k^T) v of q [B, Hkv, G, D] against the first ctx[b] keys of k, v [B, S, Hkv, D]
+    (fp32, D contiguous) -> [B, Hkv, G, D]; None for head sizes the build has no kernel for."""
+    if not (_fp32_cpu(q, k, v) and k.stride(3) == 1 and v.stride(3) == 1 and q.numel()):
+        return None
+    module = load()
+    if module is None or q.shape[3] not in module.ATTENTION_HEAD_DIMS:
+        return None
+    return module.decode_attention(q.contiguous(), k, v, ctx.reshape(-1).to(torch.int64), scale)

@@ -24,23 +24,6 @@ constexpr int MR = 2, NR = 4;  // 16 ymm registers
 constexpr int MR = 6, NR = 4;  // 128-bit vectors (NEON: 32 registers)
 #endif
 
-// The NR sums of rows of 4 accumulators (AVX-512): a shuffle tree instead of 4 x 16 scalar adds.
-static inline void sums4(const vec* a, float* s) {
-#if defined(__AVX512F__)
-  vec c01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  vec c23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  vec d = __builtin_shufflevector(c01, c23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-          __builtin_shufflevector(c01, c23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  vec e = d + __builtin_shufflevector(d, d, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  vec f = e + __builtin_shufflevector(e, e, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  s[0] = f[0], s[1] = f[4], s[2] = f[8], s[3] = f[12];
-#else
-  for (int j = 0; j < 4; j++) s[j] = lane_sum(a[j]);
-#endif
-}
-
 // y[m, j] = x[m, :] . w[j, :] for m < R, j < C (R <= MR, C <= NR); pf: the next tile's weight rows
 template <int R, int C>
 static inline void tile(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,

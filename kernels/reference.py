@@ -12,7 +12,9 @@ call per sequence at 1 to 64 sequences of ~300 tokens (fp32, 9/3 heads of 64: 17
 sequence, 2.5 -> 1.4 ms at 16). The query heads that share a KV head go in as rows of that head, so
 each KV head is read once (SDPA 101 -> 47 us at 4 sequences); a lone sequence's keys are sliced to
 its context instead of masked. On the CPU, while the same sequences keep decoding, each layer keeps
-that padded batch from step to step and only appends the new tokens (kernels/decode_mirror.py).
+that padded batch from step to step and only appends the new tokens (kernels/decode_mirror.py), and
+fp32 decode attention without a window or soft-cap runs in the CPU kernel cpu_attention.cpp (cpu_ext.py)
+instead of SDPA: the same arithmetic in another order.
 Prompt chunks (several query tokens) get one gather and one causal SDPA call each, unmasked wherever every
 gathered key is visible. Without soft-capping the math is what transformers' sdpa attention does
 in fp32, so greedy ids match it.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import decode_mirror
+from . import cpu_ext, decode_mirror
 
 # An FP8 KV cache stores float8_e4m3fn values x / scale (one K and one V scale per layer), saturated
 # at the format's largest finite value; attention reads them back as value * scale.
@@ -303,6 +305,10 @@ def _attend_decode(q, kv_cache, dec: DecodeBatch, scale, sliding_window, softcap
     b, hq, d = q.shape
     hkv = kv_cache.shape[3]
     k, v = _decode_kv(kv_cache, dec)
+    if sliding_window is None and softcap is None and q.device.type == "cpu":  # fp32: the C++ kernel's
+        out = cpu_ext.decode_attention(q.reshape(b, hkv, hq // hkv, d), k, v, dec.ctx, scale)
+        if out is not None:
+            return out.reshape(b, hq, d)
     mask = None
     if dec.lone is not None and sliding_window is None and softcap is None:
         k, v = k[:, : dec.lone], v[:, : dec.lone]

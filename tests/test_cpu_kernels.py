@@ -155,6 +155,11 @@ for act in ("silu", "gelu_tanh"):
 q = torch.randn(4, 3, 2 * 40, generator=g)
 cos, sin = torch.randn(4, 40, generator=g), torch.randn(4, 40, generator=g)
 torch.testing.assert_close(cpu_ext.rotary(q, cos, sin), reference.rotary(q, cos, sin), rtol=2e-6, atol=2e-6)
+qa, kv = torch.randn(3, 2, 3, 64, generator=g), torch.randn(3, 21, 2, 2, 64, generator=g)
+ctx = torch.tensor([1, 21, 6])
+mask = (torch.arange(21)[None, :] < ctx[:, None])[:, None, None, :]
+ref = F.scaled_dot_product_attention(qa, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), attn_mask=mask)
+torch.testing.assert_close(cpu_ext.decode_attention(qa, kv[:, :, 0], kv[:, :, 1], ctx, 0.125), ref, rtol=2e-6, atol=2e-6)
 print("ok")
 """
 
@@ -170,3 +175,22 @@ def test_the_avx2_and_4_lane_builds_compute_the_same(arch):
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
+
+
+@pytest.mark.parametrize("g,d", [(3, 64), (1, 128), (8, 64), (2, 256)])
+def test_decode_attention_matches_masked_sdpa(g, d):
+    """Each sequence attends to its first ctx keys of the padded batch (strided K/V views, as the mirrors
+    give them); contexts of 1, of the full width and not a multiple of 4 or 16 included."""
+    b, s_max, hkv = 4, 37, 2
+    gen = torch.Generator().manual_seed(g * d)
+    q = torch.randn(b, hkv, g, d, generator=gen)
+    kv = torch.randn(b, s_max, 2, hkv, d, generator=gen)
+    k, v = kv[:, :, 0], kv[:, :, 1]  # [B, S, Hkv, D], not contiguous
+    ctx = torch.tensor([[1], [37], [20], [16]])
+    got = cpu_ext.decode_attention(q, k, v, ctx, d**-0.5)
+    assert got is not None
+    mask = torch.arange(s_max)[None, :] < ctx  # [B, S]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=d**-0.5)
+    _close(got, ref)
+    assert cpu_ext.decode_attention(q[..., :24], k[..., :24], v[..., :24], ctx, 0.2) is None  # no kernel: SDPA
