@@ -1,8 +1,11 @@
 // CPU decode attention over the padded decode batch (the decode mirrors, or a gather): q [B, Hkv, G, D] against
-// the first ctx[b] keys of k, v [B, S, Hkv, D]; fp32, no window, no soft-cap. One work item per (sequence, KV
-// head): its K and V come from memory once and from L2 for the other G - 1 query heads. Per query head: scores
-// four keys at a time (one shuffle-tree sum for four dot products), a vectorised softmax, then the weighted V
-// rows into D / LANES register accumulators.
+// the first ctx[b] keys of k, v [B, S, Hkv, D]; fp32, no window, no soft-cap; any strides with D contiguous (the
+// mirrors are head-major, so each (sequence, KV head) reads its keys and values as two contiguous runs).
+//
+// One work item per (sequence, KV head). Its query heads go through in groups of GG (as many as the registers
+// hold), and each K and V row is loaded once per group: the scores of four keys for all GG heads (one shuffle-tree
+// sum per head for four dot products), a vectorised softmax per head, then each V row into GG x D / LANES register
+// accumulators. The keys and values PF rows ahead are prefetched: the rows stream from memory while the FMAs run.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,46 +15,108 @@
 
 #include "cpu_vec.h"
 
-template <int NV>  // D = NV * LANES
-static void one_head(const float* q, const float* kb, int64_t kss, const float* vb, int64_t vss, int64_t n, float sc,
-                     float* scores, float* out) {
-  vec qv[NV];
-  for (int j = 0; j < NV; j++) qv[j] = load(q + j * LANES);
+#if defined(__AVX__) && !defined(__AVX512F__)
+constexpr int REGS = 16;  // ymm
+#else
+constexpr int REGS = 32;  // zmm, NEON
+#endif
+constexpr int64_t PF = 8;  // rows prefetched ahead (~2 KB at D = 64)
+
+// query heads per group for D = NV * LANES: GG * NV accumulators and one V row (NV) in the registers, at most 4
+constexpr int group_of(int nv) {
+  return (REGS - 4 - nv) / nv < 1 ? 1 : ((REGS - 4 - nv) / nv > 4 ? 4 : (REGS - 4 - nv) / nv);
+}
+
+template <int NV>
+static inline void prefetch_row(const float* row) {
+  for (int j = 0; j < NV; j++) __builtin_prefetch(row + j * LANES, 0, 3);
+}
+
+// GG query heads q [GG, D] (contiguous) of one KV head; scores: GG rows of sstride floats
+template <int NV, int GG>
+static void head_group(const float* q, const float* kb, int64_t kss, const float* vb, int64_t vss, int64_t n,
+                       float sc, float* scores, int64_t sstride, float* out) {
   int64_t s = 0;
   for (; s + 4 <= n; s += 4) {  // scores of keys s..s+3
-    vec a[4];
+    for (int t = 0; t < 4; t++) prefetch_row<NV>(kb + (s + t + PF) * kss);
+    vec a[GG][4];
     for (int t = 0; t < 4; t++) {
       const float* ks = kb + (s + t) * kss;
-      a[t] = qv[0] * load(ks);
-      for (int j = 1; j < NV; j++) a[t] += qv[j] * load(ks + j * LANES);
+      vec kv[NV];
+      for (int j = 0; j < NV; j++) kv[j] = load(ks + j * LANES);
+      for (int g = 0; g < GG; g++) {
+        a[g][t] = load(q + g * NV * LANES) * kv[0];
+        for (int j = 1; j < NV; j++) a[g][t] += load(q + (g * NV + j) * LANES) * kv[j];
+      }
     }
-    sums4(a, scores + s);
+    for (int g = 0; g < GG; g++) sums4(a[g], scores + g * sstride + s);
   }
   for (; s < n; s++) {
     const float* ks = kb + s * kss;
-    vec a = qv[0] * load(ks);
-    for (int j = 1; j < NV; j++) a += qv[j] * load(ks + j * LANES);
-    scores[s] = lane_sum(a);
+    for (int g = 0; g < GG; g++) {
+      vec a = load(q + g * NV * LANES) * load(ks);
+      for (int j = 1; j < NV; j++) a += load(q + (g * NV + j) * LANES) * load(ks + j * LANES);
+      scores[g * sstride + s] = lane_sum(a);
+    }
   }
-  float mx = scores[0] * sc;  // softmax(sc * scores)
-  for (s = 0; s < n; s++) mx = scores[s] * sc > mx ? scores[s] * sc : mx;
-  vec vsum = (vec){};
-  for (s = 0; s + LANES <= n; s += LANES) {
-    const vec e = vexp(load(scores + s) * sc - mx);
-    store(scores + s, e);
-    vsum += e;
+  for (int64_t t = 0; t < PF && t < n; t++) prefetch_row<NV>(vb + t * vss);
+  float inv[GG];
+  for (int g = 0; g < GG; g++) {  // softmax(sc * scores), in place, unnormalised; inv: 1 / its sum
+    float* sg = scores + g * sstride;
+    vec vm = (vec){} + sg[0] * sc;
+    for (s = 0; s + LANES <= n; s += LANES) {
+      const vec x = load(sg + s) * sc;
+      vm = x > vm ? x : vm;
+    }
+    float mx = vm[0];
+    for (int l = 1; l < LANES; l++) mx = vm[l] > mx ? vm[l] : mx;
+    for (; s < n; s++) mx = sg[s] * sc > mx ? sg[s] * sc : mx;
+    vec vsum = (vec){};
+    for (s = 0; s + LANES <= n; s += LANES) {
+      const vec e = vexp(load(sg + s) * sc - mx);
+      store(sg + s, e);
+      vsum += e;
+    }
+    float sum = lane_sum(vsum);
+    for (; s < n; s++) sum += (sg[s] = vexp((vec){} + (sg[s] * sc - mx))[0]);
+    inv[g] = 1.f / sum;
   }
-  float sum = lane_sum(vsum);
-  for (; s < n; s++) sum += (scores[s] = vexp((vec){} + (scores[s] * sc - mx))[0]);
-  vec acc[NV];
-  for (int j = 0; j < NV; j++) acc[j] = (vec){};
+  vec acc[GG][NV];
+  for (int g = 0; g < GG; g++)
+    for (int j = 0; j < NV; j++) acc[g][j] = (vec){};
   for (s = 0; s < n; s++) {
     const float* vs = vb + s * vss;
-    const float p = scores[s];
-    for (int j = 0; j < NV; j++) acc[j] += p * load(vs + j * LANES);
+    prefetch_row<NV>(vs + PF * vss);
+    vec vv[NV];
+    for (int j = 0; j < NV; j++) vv[j] = load(vs + j * LANES);
+    for (int g = 0; g < GG; g++) {
+      const float p = scores[g * sstride + s];
+      for (int j = 0; j < NV; j++) acc[g][j] += p * vv[j];
+    }
   }
-  const float inv = 1.f / sum;
-  for (int j = 0; j < NV; j++) store(out + j * LANES, acc[j] * inv);
+  for (int g = 0; g < GG; g++)
+    for (int j = 0; j < NV; j++) store(out + (g * NV + j) * LANES, acc[g][j] * inv[g]);
+}
+
+// the last r < GG heads of a KV head
+template <int NV, int GG>
+static void head_rest(int64_t r, const float* q, const float* kb, int64_t kss, const float* vb, int64_t vss, int64_t n,
+                      float sc, float* scores, int64_t sstride, float* out) {
+  if constexpr (GG > 1) {
+    if (r == GG - 1) return head_group<NV, GG - 1>(q, kb, kss, vb, vss, n, sc, scores, sstride, out);
+    head_rest<NV, GG - 1>(r, q, kb, kss, vb, vss, n, sc, scores, sstride, out);
+  }
+}
+
+// all g query heads of one KV head: q, out [g, D]
+template <int NV>
+static void kv_head(const float* q, const float* kb, int64_t kss, const float* vb, int64_t vss, int64_t n, float sc,
+                    float* scores, int64_t sstride, float* out, int64_t g) {
+  constexpr int GG = group_of(NV);
+  constexpr int64_t d = NV * LANES;
+  int64_t h = 0;
+  for (; h + GG <= g; h += GG) head_group<NV, GG>(q + h * d, kb, kss, vb, vss, n, sc, scores, sstride, out + h * d);
+  if (h < g) head_rest<NV, GG>(g - h, q + h * d, kb, kss, vb, vss, n, sc, scores, sstride, out + h * d);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ctx,
@@ -68,22 +133,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t ksb = k.stride(0), kss = k.stride(1), ksh = k.stride(2);
   const int64_t vsb = v.stride(0), vss = v.stride(1), vsh = v.stride(2);
   const float sc = static_cast<float>(scale);
-  for (int64_t bi = 0; bi < b; bi++)
+  int64_t longest = 0;
+  for (int64_t bi = 0; bi < b; bi++) {
     TORCH_CHECK(cp[bi] >= 1 && cp[bi] <= k.size(1), "context ", cp[bi], " outside the batch's ", k.size(1), " keys");
+    longest = cp[bi] > longest ? cp[bi] : longest;
+  }
+  const int64_t sstride = (longest + LANES - 1) / LANES * LANES;
   at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores(sstride * 4);  // a score row per head of a group (at most 4)
     for (int64_t bh = begin; bh < end; bh++) {
       const int64_t bi = bh / hkv, hi = bh % hkv, n = cp[bi];
-      scores.resize(n);
       const float* kb = kp + bi * ksb + hi * ksh;
       const float* vb = vp + bi * vsb + hi * vsh;
-      for (int64_t gi = 0; gi < g; gi++) {
-        const float* qg = qp + (bh * g + gi) * d;
-        float* og = op + (bh * g + gi) * d;
-        if (nv == 4) one_head<4>(qg, kb, kss, vb, vss, n, sc, scores.data(), og);
-        else if (nv == 8) one_head<8>(qg, kb, kss, vb, vss, n, sc, scores.data(), og);
-        else one_head<16>(qg, kb, kss, vb, vss, n, sc, scores.data(), og);
-      }
+      const float* qh = qp + bh * g * d;
+      float* oh = op + bh * g * d;
+      if (nv == 4) kv_head<4>(qh, kb, kss, vb, vss, n, sc, scores.data(), sstride, oh, g);
+      else if (nv == 8) kv_head<8>(qh, kb, kss, vb, vss, n, sc, scores.data(), sstride, oh, g);
+      else kv_head<16>(qh, kb, kss, vb, vss, n, sc, scores.data(), sstride, oh, g);
     }
   });
   return out;

@@ -3,7 +3,8 @@
 The reference decode attention reads every decode sequence's keys and values as one padded batch
 [B, W * block_size, Hkv, D]. Gathering it from the paged cache in every layer of every step copies
 each sequence's whole context, while from one step to the next it only gains each sequence's new
-token. A mirror keeps that batch per layer cache ([B, capacity, Hkv, D] for K and for V) and, when a
+token. A mirror keeps that batch per layer cache (head-major, [B, Hkv, capacity, D] for K and for V, so that
+one sequence's keys of one head are one contiguous run for the attention kernel) and, when a
 step extends the previous one (the same sequences in the same order, each one token longer, on the
 same blocks), appends the new tokens' rows, read back from the cache after `store_kv`. Any other step
 (a sequence joins, leaves or moves; a block changes; a sequence outgrows the capacity) gathers as
@@ -19,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,11 +40,23 @@ class MirrorPlan:
     capacity: int  # tokens per sequence in a mirror
     width: int  # W * block_size: the tokens of this step's padded batch
     new_rows: torch.Tensor  # [2B]: the new tokens' K rows, then their V rows, in the [-1, Hkv * D] cache view
-    dst: torch.Tensor  # [B]: their rows b * capacity + ctx_b - 1 in a [B * capacity, Hkv * D] mirror view
+    pos: torch.Tensor  # [B]: their positions ctx_b - 1
     # what the next step compares against
     table: torch.Tensor  # [B, W] block ids, 0 past a sequence's own blocks
     valid: torch.Tensor  # [B, W] bool: the sequence's own blocks
     ctx: torch.Tensor  # [B, 1] context lengths
+    dst_by_shape: dict = field(default_factory=dict, compare=False)  # (Hkv, V offset) -> dst_rows(...)
+
+    def dst_rows(self, hkv: int, v_offset: int) -> torch.Tensor:
+        """[2 * B * Hkv]: the new tokens' K rows (b, h), then their V rows, in the [-1, D] view of a mirror's
+        buffer, whose V half starts v_offset rows in (built once per step and shape)."""
+        key = (hkv, v_offset)
+        if key not in self.dst_by_shape:
+            b = self.pos.shape[0]
+            starts = torch.arange(b * hkv, device=self.pos.device).view(b, hkv) * self.capacity
+            k_rows = (starts + self.pos.view(-1, 1)).view(-1)
+            self.dst_by_shape[key] = torch.cat((k_rows, k_rows + v_offset))
+        return self.dst_by_shape[key]
 
 
 def plan(table: torch.Tensor, valid: torch.Tensor, ctx: torch.Tensor, new_rows: torch.Tensor,
@@ -57,8 +70,7 @@ def plan(table: torch.Tensor, valid: torch.Tensor, ctx: torch.Tensor, new_rows: 
         same_blocks = torch.equal(table[:, : prev.table.shape[1]].masked_fill(~prev.valid, 0), prev.table)
         if same_blocks and torch.equal(ctx, prev.ctx + 1):
             extends, capacity = prev.serial, prev.capacity
-    dst = (torch.arange(b, device=table.device).view(-1, 1) * capacity + ctx - 1).view(-1)
-    mp = MirrorPlan(next(_serials), extends, capacity, w * block_size, new_rows, dst, table, valid, ctx)
+    mp = MirrorPlan(next(_serials), extends, capacity, w * block_size, new_rows, (ctx - 1).view(-1), table, valid, ctx)
     _state.prev = mp
     return mp
 
@@ -77,15 +89,14 @@ class Mirror:
         if self.layout == (b, mp.capacity, mp.width):  # the views of the last step (most steps)
             return
         self.layout = (b, mp.capacity, mp.width)
-        flat = self.buf[:, : b * mp.capacity * row].view(2, b, mp.capacity, hkv, d)
+        flat = self.buf[:, : b * mp.capacity * row].view(2, b, hkv, mp.capacity, d)
         self.full_k, self.full_v = flat[0], flat[1]
-        self.rows_k, self.rows_v = self.full_k.view(-1, row), self.full_v.view(-1, row)
-        self.k, self.v = self.full_k[:, : mp.width], self.full_v[:, : mp.width]
+        self.k, self.v = (x.transpose(1, 2)[:, : mp.width] for x in (self.full_k, self.full_v))
 
     def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k / v [B, width, Hkv, D]: this step's gathered batch (finite past each context)."""
-        self.full_k[:, k.shape[1]:].zero_()
-        self.full_v[:, v.shape[1]:].zero_()
+        self.full_k[:, :, k.shape[1]:].zero_()
+        self.full_v[:, :, v.shape[1]:].zero_()
         self.k.copy_(k)
         self.v.copy_(v)
 
@@ -96,7 +107,7 @@ def lookup(kv_cache: torch.Tensor, mp: MirrorPlan) -> Mirror | None:
     entries: dict[int, Mirror] = _state.__dict__.setdefault("entries", {})
     _, _, _, hkv, d = kv_cache.shape
     row = hkv * d
-    b = mp.dst.shape[0]
+    b = mp.pos.shape[0]
     m = entries.get(id(kv_cache))
     need = b * mp.capacity * row
     # (re)allocated when too small, or 4x too large at a refill: a burst of sequences does not keep its
@@ -112,8 +123,7 @@ def lookup(kv_cache: torch.Tensor, mp: MirrorPlan) -> Mirror | None:
     m.bind(mp, b, row, hkv, d)
     m.current = mp.extends is not None and m.serial == mp.extends
     if m.current:
-        new = kv_cache.view(-1, row).index_select(0, mp.new_rows)
-        m.rows_k.index_copy_(0, mp.dst, new[:b])
-        m.rows_v.index_copy_(0, mp.dst, new[b:])
+        new = kv_cache.view(-1, row).index_select(0, mp.new_rows).view(-1, d)
+        m.buf.view(-1, d).index_copy_(0, mp.dst_rows(hkv, m.buf.shape[1] // d), new)
     m.serial = mp.serial
     return m
