@@ -18,8 +18,8 @@ one kernel each on CUDA):
 and the linears' matmul:
     linear(x, weight, bias=None)                  # F.linear; the few rows of a CPU decode step: cpu_ext.py
     load_cpu_kernels()                            # builds / loads the CPU kernels (engine start-up on the CPU)
-On the CPU, fp32 rms_norm / gated_activation / rotary / linear run the project's C++ kernels (cpu_ext.py)
-unless impl names one; the reference stays the plain-torch twin (and the GPU tests' oracle).
+On the CPU, fp32 rms_norm / gated_activation / rotary / linear / greedy_sample run the project's C++ kernels
+(cpu_ext.py) unless impl names one; the reference stays the plain-torch twin (and the GPU tests' oracle).
 
 `impl="triton"` / `impl="reference"` forces an implementation. Triton on CPU tensors runs through
 Triton's interpreter: the kernels module is then loaded a second time with TRITON_INTERPRET=1 set
@@ -342,9 +342,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str |
 def greedy_sample(logits: torch.Tensor, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy choice of each row of logits [N, V]: (argmax [N] int64, the first index among ties;
     its log-probability under softmax(logits), [N] fp32, computed in fp32). On CUDA one pass over
-    the logits instead of separate argmax and logsumexp reductions."""
+    the logits instead of separate argmax and logsumexp reductions; on the CPU (fp32) two (cpu_ext.py)."""
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    if impl is None and logits.device.type == "cpu":
+        out = cpu_ext.greedy_sample(logits)
+        if out is not None:
+            return out
     return _pick(impl, logits, "triton_fused").greedy_sample(logits)
 
 

@@ -8,6 +8,8 @@
   pass each instead of torch's 3-8 ops.
 - cpu_attention.cpp: decode attention over the padded decode batch (no window, no soft-cap), each
   sequence's K and V read from memory once for the query heads that share them.
+- cpu_sampling.cpp: the greedy choice and its log-probability, two passes over each row of logits
+  (torch: argmax, then a logsumexp of four ops).
 (cpu_vec.h: their shared vector type, lane sums and exp.)
 
 The extension is compiled with the machine's C++ compiler (torch.utils.cpp_extension, -O3
@@ -35,7 +37,7 @@ logger = logging.getLogger("paged_backend")
 MAX_ROWS = 64  # past ~64-96 rows MKL's blocked GEMM is faster (BENCHMARKS.md)
 _NOTICE_AFTER_S = 2.0  # a load that takes longer is a compile: say so
 _SOURCES = [str(Path(__file__).with_name(f))
-            for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_attention.cpp")]
+            for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_attention.cpp", "cpu_sampling.cpp")]
 _lock = threading.Lock()
 _module = None  # the loaded extension; False once loading failed or is disabled
 
@@ -157,3 +159,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: tor
     if module is None or q.shape[3] not in module.ATTENTION_HEAD_DIMS:
         return None
     return module.decode_attention(q.contiguous(), k, v, ctx.reshape(-1).to(torch.int64), scale)
+
+
+def greedy_sample(logits: torch.Tensor):
+    """(argmax [N] int64, its log-probability [N] fp32) of contiguous fp32 logits [N, V], or None (the caller
+    runs the reference) when the kernels are unavailable or a row holds a NaN or an infinity."""
+    if not (_fp32_cpu(logits) and logits.is_contiguous() and logits.numel()):
+        return None
+    module = load()
+    if module is None:
+        return None
+    ids, logprobs = module.greedy_sample(logits)
+    return None if torch.isnan(logprobs).any() else (ids, logprobs)

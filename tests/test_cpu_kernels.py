@@ -194,3 +194,32 @@ def test_decode_attention_matches_masked_sdpa(g, d):
         q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=d**-0.5)
     _close(got, ref)
     assert cpu_ext.decode_attention(q[..., :24], k[..., :24], v[..., :24], ctx, 0.2) is None  # no kernel: SDPA
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (16, 1000), (3, 17)])
+def test_greedy_sample_matches_the_reference(rows, vocab):
+    """argmax (the first index among ties, also across vector lanes and in the tail) and its log-probability."""
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[0, vocab // 2] = logits[0, vocab - 1] = logits[0, 3] = logits[0].max() + 1  # ties: index 3 wins
+    got = cpu_ext.greedy_sample(logits)
+    assert got is not None
+    ids, logprobs = reference.greedy_sample(logits)
+    assert torch.equal(got[0], ids) and got[0][0] == 3
+    _close(got[1], logprobs)
+    assert torch.equal(kernels.greedy_sample(logits)[0], ids)
+
+
+def test_greedy_sample_leaves_nan_and_inf_rows_to_the_reference():
+    logits = torch.randn(3, 40)
+    logits[0, :30] = float("-inf")  # masked tokens: the kernel's
+    _close(cpu_ext.greedy_sample(logits)[1], reference.greedy_sample(logits)[1])
+    for bad, at in ((float("nan"), 7), (float("inf"), 7), (float("nan"), 37), (float("inf"), 38)):
+        logits = logits.clone()
+        logits[1] = torch.randn(40)
+        logits[1, at] = bad  # in a vector or in the tail
+        assert cpu_ext.greedy_sample(logits) is None
+        ids, logprobs = kernels.greedy_sample(logits)
+        ref_ids, ref_lp = reference.greedy_sample(logits)
+        assert torch.equal(ids, ref_ids) and torch.equal(logprobs.isnan(), ref_lp.isnan())
+    assert cpu_ext.greedy_sample(logits.double()) is None  # not fp32: the reference
