@@ -95,9 +95,12 @@ def _build():
 
 
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
-    """fp32 CPU tensors that autograd need not see (the kernels have no backward)."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """fp32 CPU tensors that autograd need not see (the kernels have no backward). (A plain loop: this runs
+    ~300 times a decode step, and a generator with `device.type` took 3x as long.)"""
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def fits_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
