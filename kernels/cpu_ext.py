@@ -8,6 +8,8 @@
   pass each instead of torch's 3-8 ops.
 - cpu_attention.cpp: decode attention over the padded decode batch (no window, no soft-cap), each
   sequence's K and V read from memory once for the query heads that share them.
+- cpu_prefill.cpp: causal attention of a prompt (chunk) against its sequence's keys, only the triangle
+  below the diagonal (torch's flash SDPA computes whole blocks and masks them).
 - cpu_sampling.cpp: the greedy choice and its log-probability, two passes over each row of logits
   (torch: argmax, then a logsumexp of four ops).
 (cpu_vec.h: their shared vector type, lane sums and exp.)
@@ -37,7 +39,8 @@ logger = logging.getLogger("paged_backend")
 MAX_ROWS = 64  # past ~64-96 rows MKL's blocked GEMM is faster (BENCHMARKS.md)
 _NOTICE_AFTER_S = 2.0  # a load that takes longer is a compile: say so
 _SOURCES = [str(Path(__file__).with_name(f))
-            for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_attention.cpp", "cpu_sampling.cpp")]
+            for f in ("cpu_module.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_attention.cpp", "cpu_prefill.cpp",
+                      "cpu_sampling.cpp")]
 _lock = threading.Lock()
 _module = None  # the loaded extension; False once loading failed or is disabled
 
@@ -162,6 +165,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: tor
     if module is None or q.shape[3] not in module.ATTENTION_HEAD_DIMS:
         return None
     return module.decode_attention(q.contiguous(), k, v, ctx.reshape(-1).to(torch.int64), scale)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Causal softmax(scale q k^T) v of q [M, Hq, D], the last M positions of a sequence, against its keys
+    k, v [S, Hkv, D] (fp32, D contiguous) -> [M, Hq, D]; None for head sizes the build has no kernel for."""
+    if not (_fp32_cpu(q, k, v) and k.stride(2) == 1 and v.stride(2) == 1 and q.numel()
+            and q.shape[1] % k.shape[1] == 0 and k.shape[0] >= q.shape[0]):
+        return None
+    module = load()
+    if module is None or q.shape[2] not in module.ATTENTION_HEAD_DIMS:
+        return None
+    m, hq, d = q.shape
+    hkv = k.shape[1]
+    out = module.prefill_attention(q.contiguous().view(m, hkv, hq // hkv, d), k, v, scale)
+    return out.view(m, hq, d)
 
 
 def greedy_sample(logits: torch.Tensor):

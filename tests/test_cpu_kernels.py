@@ -160,6 +160,15 @@ ctx = torch.tensor([1, 21, 6])
 mask = (torch.arange(21)[None, :] < ctx[:, None])[:, None, None, :]
 ref = F.scaled_dot_product_attention(qa, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), attn_mask=mask)
 torch.testing.assert_close(cpu_ext.decode_attention(qa, kv[:, :, 0], kv[:, :, 1], ctx, 0.125), ref, rtol=2e-6, atol=2e-6)
+qp, kvp = torch.randn(9, 4, 64, generator=g), torch.randn(21, 2, 2, 64, generator=g)
+mask = torch.arange(21)[None, :] <= torch.arange(12, 21)[:, None]
+ref = F.scaled_dot_product_attention(qp.transpose(0, 1), kvp[:, 0].transpose(0, 1), kvp[:, 1].transpose(0, 1),
+                                     attn_mask=mask, scale=0.125, enable_gqa=True).transpose(0, 1)
+torch.testing.assert_close(cpu_ext.prefill_attention(qp, kvp[:, 0], kvp[:, 1], 0.125), ref, rtol=2e-6, atol=2e-6)
+logits = torch.randn(3, 1001, generator=g)
+ids, lp = cpu_ext.greedy_sample(logits)
+assert torch.equal(ids, logits.argmax(1))
+torch.testing.assert_close(lp, reference.greedy_sample(logits)[1], rtol=2e-6, atol=2e-6)
 print("ok")
 """
 
@@ -223,3 +232,21 @@ def test_greedy_sample_leaves_nan_and_inf_rows_to_the_reference():
         ref_ids, ref_lp = reference.greedy_sample(logits)
         assert torch.equal(ids, ref_ids) and torch.equal(logprobs.isnan(), ref_lp.isnan())
     assert cpu_ext.greedy_sample(logits.double()) is None  # not fp32: the reference
+
+
+@pytest.mark.parametrize("m,s,hq,hkv,d", [(37, 37, 9, 3, 64), (5, 70, 4, 2, 128), (1, 9, 2, 1, 256), (67, 67, 8, 8, 64),
+                                          (20, 83, 6, 2, 64)])
+def test_prefill_attention_matches_causal_sdpa(m, s, hq, hkv, d):
+    """The last m positions of a sequence of s attend causally to its keys: a whole prompt (m == s), a chunk after
+    a prefix (m < s), GQA and MHA, key counts not a multiple of the score tile."""
+    gen = torch.Generator().manual_seed(m * s + d)
+    q = torch.randn(m, hq, d, generator=gen)
+    kv = torch.randn(s, 2, hkv, d, generator=gen)
+    k, v = kv[:, 0], kv[:, 1]  # [S, Hkv, D], strided as a gather of the cache gives them
+    got = cpu_ext.prefill_attention(q, k, v, d**-0.5)
+    assert got is not None
+    mask = torch.arange(s)[None, :] <= torch.arange(s - m, s)[:, None]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=d**-0.5, enable_gqa=True)[0].transpose(0, 1)
+    _close(got, ref)
+    assert cpu_ext.prefill_attention(q[..., :24], k[..., :24], v[..., :24], 0.2) is None  # no kernel: SDPA
