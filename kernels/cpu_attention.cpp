@@ -60,27 +60,9 @@ static void head_group(const float* q, const float* kb, int64_t kss, const float
     }
   }
   for (int64_t t = 0; t < PF && t < n; t++) prefetch_row<NV>(vb + t * vss);
+  const int64_t nk = (n + LANES - 1) / LANES * LANES;  // <= sstride
   float inv[GG];
-  for (int g = 0; g < GG; g++) {  // softmax(sc * scores), in place, unnormalised; inv: 1 / its sum
-    float* sg = scores + g * sstride;
-    vec vm = (vec){} + sg[0] * sc;
-    for (s = 0; s + LANES <= n; s += LANES) {
-      const vec x = load(sg + s) * sc;
-      vm = x > vm ? x : vm;
-    }
-    float mx = vm[0];
-    for (int l = 1; l < LANES; l++) mx = vm[l] > mx ? vm[l] : mx;
-    for (; s < n; s++) mx = sg[s] * sc > mx ? sg[s] * sc : mx;
-    vec vsum = (vec){};
-    for (s = 0; s + LANES <= n; s += LANES) {
-      const vec e = vexp(load(sg + s) * sc - mx);
-      store(sg + s, e);
-      vsum += e;
-    }
-    float sum = lane_sum(vsum);
-    for (; s < n; s++) sum += (sg[s] = vexp((vec){} + (sg[s] * sc - mx))[0]);
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < GG; g++) inv[g] = softmax_in_place(scores + g * sstride, n, nk, sc);
   vec acc[GG][NV];
   for (int g = 0; g < GG; g++)
     for (int j = 0; j < NV; j++) acc[g][j] = (vec){};

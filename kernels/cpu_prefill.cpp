@@ -45,30 +45,6 @@ static void score_rows(const float* q, int64_t qstride, const float* kt, int64_t
   }
 }
 
-// softmax(sc * s[:n]) in place and zeros in s[n:nk] (nk: a multiple of LANES); returns 1 / the sum
-static float softmax_row(float* s, int64_t n, int64_t nk, float sc) {
-  vec vm = (vec){} + s[0] * sc;
-  int64_t j = 0;
-  for (; j + LANES <= n; j += LANES) {
-    const vec x = load(s + j) * sc;
-    vm = x > vm ? x : vm;
-  }
-  float mx = vm[0];
-  for (int l = 1; l < LANES; l++) mx = vm[l] > mx ? vm[l] : mx;
-  for (; j < n; j++) mx = s[j] * sc > mx ? s[j] * sc : mx;
-  ivec lane;
-  for (int l = 0; l < LANES; l++) lane[l] = l;
-  vec vsum = (vec){};
-  for (j = 0; j < n; j += LANES) {  // whole vectors; the lanes past n get 0
-    const vec e = vexp(load(s + j) * sc - mx);
-    const vec p = lane + static_cast<int32_t>(j) < static_cast<int32_t>(n) ? e : (vec){};
-    store(s + j, p);
-    vsum += p;
-  }
-  for (; j < nk; j += LANES) store(s + j, (vec){});
-  return 1.f / lane_sum(vsum);
-}
-
 // R query rows (positions pos0 .. pos0 + R - 1) of one query head; out rows at ostride
 template <int NV, int R>
 static void row_block(const float* q, int64_t qstride, const float* kt, const float* v, int64_t vss,
@@ -76,7 +52,7 @@ static void row_block(const float* q, int64_t qstride, const float* kt, const fl
   const int64_t nk = (pos0 + R + KC - 1) / KC * KC;  // the keys the last row sees, in whole tiles
   score_rows<NV, R>(q, qstride, kt, nk, scores, sstride);
   float inv[R];
-  for (int r = 0; r < R; r++) inv[r] = softmax_row(scores + r * sstride, pos0 + r + 1, nk, sc);
+  for (int r = 0; r < R; r++) inv[r] = softmax_in_place(scores + r * sstride, pos0 + r + 1, nk, sc);
   vec acc[R][NV];
   for (int r = 0; r < R; r++)
     for (int t = 0; t < NV; t++) acc[r][t] = (vec){};

@@ -18,8 +18,7 @@ static void greedy_row(const float* x, int64_t n, int64_t* id, float* logprob) {
   const float lowest = -std::numeric_limits<float>::infinity(), highest = -lowest;
   vec best = (vec){} + lowest;
   ivec where = (ivec){}, bad = (ivec){};
-  ivec lane;
-  for (int l = 0; l < LANES; l++) lane[l] = l;
+  const ivec lane = lane_ids();
   int64_t i = 0;
   for (; i + LANES <= n && i + LANES <= INT32_MAX; i += LANES) {  // per lane: the first maximum
     const vec v = load(x + i);

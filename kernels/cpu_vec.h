@@ -1,6 +1,6 @@
-// Shared by the CPU kernels (cpu_linear.cpp, cpu_fused.cpp, cpu_attention.cpp): the vector type of the
-// machine the extension is built for (GCC/Clang vector extensions: AVX-512, AVX2 or 128-bit lanes), unaligned
-// loads and stores, lane sums and a vectorised e^x.
+// Shared by the CPU kernels (cpu_linear.cpp, cpu_fused.cpp, cpu_attention.cpp, cpu_prefill.cpp, cpu_sampling.cpp):
+// the vector type of the machine the extension is built for (GCC/Clang vector extensions: AVX-512, AVX2 or 128-bit
+// lanes), unaligned loads and stores, lane sums, a vectorised e^x and an attention row's softmax.
 #pragma once
 
 #include <cstdint>
@@ -67,4 +67,35 @@ static inline void sums4(const vec* a, float* s) {
 #else
   for (int j = 0; j < 4; j++) s[j] = lane_sum(a[j]);
 #endif
+}
+
+// 0, 1, .., LANES - 1
+static inline ivec lane_ids() {
+  ivec lane;
+  for (int l = 0; l < LANES; l++) lane[l] = l;
+  return lane;
+}
+
+// An attention row: s[:n] <- exp(sc * s[:n] - max) and zeros in s[n:nk] (nk >= n, a multiple of LANES: whole vectors
+// throughout); returns 1 / the sum, the normalisation the caller applies to its output.
+static inline float softmax_in_place(float* s, int64_t n, int64_t nk, float sc) {
+  vec vm = (vec){} + s[0] * sc;
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES) {
+    const vec x = load(s + j) * sc;
+    vm = x > vm ? x : vm;
+  }
+  float mx = vm[0];
+  for (int l = 1; l < LANES; l++) mx = vm[l] > mx ? vm[l] : mx;
+  for (; j < n; j++) mx = s[j] * sc > mx ? s[j] * sc : mx;
+  const ivec lane = lane_ids();
+  vec vsum = (vec){};
+  for (j = 0; j < n; j += LANES) {  // the lanes past n get 0
+    const vec e = vexp(load(s + j) * sc - mx);
+    const vec p = lane + static_cast<int32_t>(j) < static_cast<int32_t>(n) ? e : (vec){};
+    store(s + j, p);
+    vsum += p;
+  }
+  for (; j < nk; j += LANES) store(s + j, (vec){});
+  return 1.f / lane_sum(vsum);
 }
