@@ -17,8 +17,8 @@ fp32 decode attention without a window or soft-cap runs in the CPU kernel cpu_at
 instead of SDPA: the same arithmetic in another order.
 Prompt chunks (several query tokens) get one gather and one causal SDPA call each, unmasked wherever every
 gathered key is visible; fp32 chunks without a window or soft-cap on the CPU go to cpu_prefill.cpp instead
-(the triangle below the diagonal only: 30 % faster than SDPA for a 256-token prompt on the dev box). Without soft-capping the math is what transformers' sdpa attention does
-in fp32, so greedy ids match it.
+(the triangle below the diagonal only: 30 % faster than SDPA for a 256-token prompt on the dev box).
+Without soft-capping the math is what transformers' sdpa attention does in fp32, so greedy ids match it.
 """
 
 from __future__ import annotations
@@ -354,16 +354,15 @@ def _attend_one(q, kv_cache, k_rows, v_rows, ctx, scale, sliding_window, softcap
     -> [M, Hq, D]: a prompt (chunk), with no padding and, for a whole prompt without a window, no mask."""
     m = q.shape[0]
     bs = kv_cache.shape[2]
-    if sliding_window is None and softcap is None and q.device.type == "cpu":  # fp32: the C++ kernel's
-        k = _widen(_gather(kv_cache, k_rows, 0)[:ctx], q.dtype)
-        out = cpu_ext.prefill_attention(q, k, _widen(_gather(kv_cache, v_rows, 1)[:ctx], q.dtype), scale)
-        if out is not None:
-            return out
     first = 0  # first block any query can see: with a window, older blocks are never gathered
     if sliding_window is not None:
         first = max(0, ctx - m - sliding_window + 1) // bs
         k_rows, v_rows = k_rows[first:], v_rows[first:]
     k, v = _gather_kv(kv_cache, k_rows, v_rows, ctx - first * bs, q.dtype)
+    if sliding_window is None and softcap is None and q.device.type == "cpu":  # fp32: the C++ kernel's
+        out = cpu_ext.prefill_attention(q, k[0].transpose(0, 1), v[0].transpose(0, 1), scale)
+        if out is not None:
+            return out
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, M, D]
     if sliding_window is None and m == ctx:  # causal from 0: no mask
         out = _attend(qh, k, v, None, scale, softcap, is_causal=m > 1)
