@@ -15,11 +15,6 @@
 
 #include "cpu_vec.h"
 
-#if defined(__AVX__) && !defined(__AVX512F__)
-constexpr int REGS = 16;  // ymm
-#else
-constexpr int REGS = 32;  // zmm, NEON
-#endif
 constexpr int64_t PF = 8;  // rows prefetched ahead (~2 KB at D = 64)
 
 // query heads per group for D = NV * LANES: GG * NV accumulators and one V row (NV) in the registers, at most 4

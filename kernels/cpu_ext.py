@@ -156,13 +156,19 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return None if module is None else module.rotary(x, cos, sin)
 
 
+def _attention_module(head_dim: int):
+    """The extension when it has attention kernels for this head size (4, 8 or 16 vectors), else None."""
+    module = load()
+    return module if module is not None and head_dim in module.ATTENTION_HEAD_DIMS else None
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: torch.Tensor, scale: float):
     """softmax(scale q k^T) v of q [B, Hkv, G, D] against the first ctx[b] keys of k, v [B, S, Hkv, D]
     (fp32, D contiguous) -> [B, Hkv, G, D]; None for head sizes the build has no kernel for."""
     if not (_fp32_cpu(q, k, v) and k.stride(3) == 1 and v.stride(3) == 1 and q.numel()):
         return None
-    module = load()
-    if module is None or q.shape[3] not in module.ATTENTION_HEAD_DIMS:
+    module = _attention_module(q.shape[3])
+    if module is None:
         return None
     return module.decode_attention(q.contiguous(), k, v, ctx.reshape(-1).to(torch.int64), scale)
 
@@ -173,8 +179,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if not (_fp32_cpu(q, k, v) and k.stride(2) == 1 and v.stride(2) == 1 and q.numel()
             and q.shape[1] % k.shape[1] == 0 and k.shape[0] >= q.shape[0]):
         return None
-    module = load()
-    if module is None or q.shape[2] not in module.ATTENTION_HEAD_DIMS:
+    module = _attention_module(q.shape[2])
+    if module is None:
         return None
     m, hq, d = q.shape
     hkv = k.shape[1]

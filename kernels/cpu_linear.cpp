@@ -16,13 +16,8 @@
 
 #include "cpu_vec.h"
 
-#if defined(__AVX512F__)
-constexpr int MR = 6, NR = 4;  // 24 zmm accumulators + 4 weight vectors of 32 registers
-#elif defined(__AVX__)
-constexpr int MR = 2, NR = 4;  // 16 ymm registers
-#else
-constexpr int MR = 6, NR = 4;  // 128-bit vectors (NEON: 32 registers)
-#endif
+// 32 registers: 24 accumulators + 4 weight vectors; 16 (AVX2): 8 + 4
+constexpr int NR = 4, MR = REGS == 32 ? 6 : 2;
 
 // Prefetches the next tile's C weight rows (C * K contiguous floats) into L2 while a tile runs, one call per
 // k step of every pass over the rows of x. With one pass (M <= MR): at each k, that k of every next row (the

@@ -1,17 +1,17 @@
 // Shared by the CPU kernels (cpu_linear.cpp, cpu_fused.cpp, cpu_attention.cpp, cpu_prefill.cpp, cpu_sampling.cpp):
 // the vector type of the machine the extension is built for (GCC/Clang vector extensions: AVX-512, AVX2 or 128-bit
-// lanes), unaligned loads and stores, lane sums, a vectorised e^x and an attention row's softmax.
+// lanes) and its register count (for the kernels' register tiles), unaligned loads and stores, lane sums, a vectorised e^x and an attention row's softmax.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 #if defined(__AVX512F__)
-constexpr int LANES = 16;
+constexpr int LANES = 16, REGS = 32;  // zmm
 #elif defined(__AVX__)
-constexpr int LANES = 8;
+constexpr int LANES = 8, REGS = 16;  // ymm
 #else
-constexpr int LANES = 4;
+constexpr int LANES = 4, REGS = 32;  // 128-bit (NEON: 32 registers)
 #endif
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
