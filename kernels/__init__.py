@@ -4,7 +4,7 @@ Public entry points (the contract in DESIGN.md):
     store_kv(key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0)
     paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
                     sliding_window=None, softcap=None, out=None, *, max_query_len=None, max_seq_len=None,
-                    k_scale=1.0, v_scale=1.0)
+                    k_scale=1.0, v_scale=1.0, num_decodes=0)
     copy_blocks(kv_caches, src, dst)
 and the element-wise ops the models run around them, and the sampler's greedy choice (triton_fused.py,
 one kernel each on CUDA):
@@ -164,6 +164,7 @@ def paged_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     plan=None,
+    num_decodes: int = 0,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] over the paged cache -> [T, Hq, D] (written into `out` if given).
@@ -174,6 +175,9 @@ def paged_attention(
     sequences, the split-K path, whose chunking is sized from max_seq_len). A CUDA graph captured for
     decode bakes the split count in: capture it with max_seq_len = the largest context it will replay
     with (e.g. max_model_len). k_scale / v_scale: an fp8 cache's scales (module docstring).
+    num_decodes: a host int, how many sequences at the front of a mixed batch have exactly one new
+    token; the Triton path runs them as a decode batch and the rest as prompts (two launches, each
+    with its own tiles: in one prompt-tiled launch the decode rows were ~4x slower). 0: one launch.
     """
     if q.dim() != 3 or kv_cache.dim() != 5 or q.shape[2] != kv_cache.shape[4]:
         raise ValueError(
@@ -193,9 +197,11 @@ def paged_attention(
         sliding_window = None
     if softcap is not None and softcap <= 0:
         softcap = None
+    if not 0 <= num_decodes <= seq_lens.shape[0]:
+        raise ValueError(f"num_decodes={num_decodes} must be in [0, B={seq_lens.shape[0]}]")
     _check_cache(kv_cache, k_scale, v_scale)
     mod = _pick(impl, q)
-    extra = {"plan": plan} if mod is reference else {}
+    extra = {"plan": plan} if mod is reference else {"num_decodes": num_decodes}
     return mod.paged_attention(
         q,
         kv_cache,

@@ -200,6 +200,7 @@ def _paged_attn_kernel(
         q_len = 1
         qb = 0
     else:
+        pid += tl.load(qsl_ptr) // BLOCK_Q  # the rows may start inside q (a mixed batch's prompts)
         b = _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q)
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -331,6 +332,8 @@ def _launch_config(max_query_len: int, g: int, d: int, decode: bool, fp8: bool =
     big = 128 if d <= 128 else 64
     block_m = min(big, max(16, triton.next_power_of_2(max_query_len * g)))
     block_m = max(block_m, triton.next_power_of_2(g))
+    if d <= 64 and block_m == 128 and not fp8:  # H200: 1.25x at 16 x 512 tokens, 1.30x at 1 x 8192 (BENCHMARKS.md)
+        return block_m, 64, 8, 2
     if d <= 128:
         return block_m, 32, 4, 3
     return block_m, 32, 8 if block_m >= 64 else 4, 2
@@ -381,15 +384,12 @@ def _fp8_decode_module():
 
 def paged_attention(
     q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, out,
-    *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None,
+    *, max_query_len=None, max_seq_len=None, k_scale=1.0, v_scale=1.0, num_splits=None, config=None, num_decodes=0,
 ):
     """See paged_backend.kernels.paged_attention. num_splits / config override the heuristics (tests, bench)."""
-    fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    if not fp8:
+    if kv_cache.dtype != torch.float8_e4m3fn:
         k_scale = v_scale = 1.0
-    t, hq, d = q.shape
-    _, _, block_size, hkv, _ = kv_cache.shape
-    g = hq // hkv
+    t = q.shape[0]
     num_seqs = seq_lens.shape[0]
     if out is None:
         out = torch.empty_like(q)
@@ -402,6 +402,31 @@ def paged_attention(
         raise ValueError("kv_cache must be contiguous in its last (head_dim) dimension")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len > 1 and 0 < num_decodes < num_seqs and num_splits is None and config is None:
+        # A mixed batch: its leading one-token sequences as a decode batch, then the prompts' rows.
+        n = num_decodes
+        _attend(q[:n], kv_cache, block_tables[:n], seq_lens[:n], query_start_loc[: n + 1], scale, sliding_window,
+                softcap, dst[:n], 1, max_seq_len, k_scale, v_scale, None, None)
+        _attend(q, kv_cache, block_tables[n:], seq_lens[n:], query_start_loc[n:], scale, sliding_window, softcap,
+                dst, max_query_len, max_seq_len, k_scale, v_scale, 1, None, first_token=n)
+    else:
+        _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, dst,
+                max_query_len, max_seq_len, k_scale, v_scale, num_splits, config)
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+def _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, dst,
+            max_query_len, max_seq_len, k_scale, v_scale, num_splits, config, first_token=0):
+    """One launch over the sequences given, whose query rows are q[first_token:] (query_start_loc[0] ==
+    first_token: the rows keep their place in q and dst)."""
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    t, hq, d = q.shape
+    t -= first_token
+    _, _, block_size, hkv, _ = kv_cache.shape
+    g = hq // hkv
+    num_seqs = seq_lens.shape[0]
     decode = max_query_len == 1
     block_m, block_n, warps, stages = config or _launch_config(max_query_len, g, d, decode, fp8)
     block_q = block_m // g
@@ -419,26 +444,24 @@ def paged_attention(
         # one token per sequence over an fp8 cache: triton_decode's kernel (keys on the dots' M dimension)
         _fp8_decode_module().fp8_decode(q, kv_cache, block_tables, seq_lens, scale * k_scale * LOG2E, float(v_scale),
                                         sliding_window, softcap, dst, num_splits, max_seq_len)
-    else:
-        num_splits, chunk_len, part_out, part_lse, p_strides = split_plan(q, num_splits, max_seq_len, block_n)
-        direct = decode and t == num_seqs  # one token per sequence (a decode step): one program per sequence
-        grid = (num_seqs if direct else t // block_q + num_seqs, hkv, num_splits)
-        _paged_attn_kernel[grid](
-            q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-            scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs,
-            chunk_len, q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-            *p_strides,
-            G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
-            BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-            USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
-            SOFT_FP8=fp8 and _INTERPRETED, V_RUN=v_run(block_size, block_n),
-            num_warps=warps, num_stages=stages,
-        )
-        if num_splits > 1:
-            reduce_splits(part_out, part_lse, dst, num_splits, p_strides)
-    if dst is not out:
-        out.copy_(dst)
-    return out
+        return
+    num_splits, chunk_len, part_out, part_lse, p_strides = split_plan(q, num_splits, max_seq_len, block_n)
+    direct = decode and t == num_seqs and not first_token  # one token per sequence: one program per sequence
+    # (programs are numbered from query_start_loc[0] // block_q: one more covers a first_token off the grid)
+    grid = (num_seqs if direct else t // block_q + num_seqs + (first_token > 0), hkv, num_splits)
+    _paged_attn_kernel[grid](
+        q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
+        scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs,
+        chunk_len, q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        *p_strides,
+        G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, SPLIT=num_splits > 1,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16 and not fp8, DIRECT=direct, FP8_KV=fp8,
+        SOFT_FP8=fp8 and _INTERPRETED, V_RUN=v_run(block_size, block_n),
+        num_warps=warps, num_stages=stages,
+    )
+    if num_splits > 1:
+        reduce_splits(part_out, part_lse, dst, num_splits, p_strides)

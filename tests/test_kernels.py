@@ -90,11 +90,10 @@ def oracle(batch, scale, sliding_window=None, softcap=None):
     return torch.cat(outs)
 
 
-def run_attention(batch, scale, impl, sliding_window=None, softcap=None, pass_max=True):
+def run_attention(batch, scale, impl, sliding_window=None, softcap=None, pass_max=True, **kw):
     out = torch.full_like(batch["q"], float("nan"))  # poisoned: every element must be written
-    kw = {}
     if pass_max:
-        kw = dict(max_query_len=max(batch["q_lens"]), max_seq_len=max(batch["ctx_lens"]))
+        kw.update(max_query_len=max(batch["q_lens"]), max_seq_len=max(batch["ctx_lens"]))
     res = kernels.paged_attention(
         batch["q"], batch["kv_cache"], batch["block_tables"], batch["seq_lens"], batch["query_start_loc"],
         scale, sliding_window=sliding_window, softcap=softcap, out=out, impl=impl, **kw,
@@ -265,6 +264,30 @@ def test_triton_split_k_decode(num_splits, window):
     assert rel_err(out, ref) <= 1e-3
 
 
+# A mixed step as the scheduler orders it: its decodes first (num_decodes=3), then prompt chunks, and a
+# one-token prompt admitted after them (run with the prompts).
+DECODES_FIRST = ([1, 1, 1, 7, 20, 3, 1], [37, 300, 1, 29, 20, 50, 64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (23, 10.0)])
+def test_triton_decodes_first_in_their_own_launch(dtype, window, softcap):
+    """num_decodes: the leading one-token sequences run as a decode batch, the rest as prompts; the
+    rows keep their places in q and out, and every row matches the reference."""
+    batch = make_batch(*DECODES_FIRST, 8, 2, 64, dtype=dtype, seed=41)
+    for n in (3, 1, 0):
+        _triton_vs_reference(batch, 0.125, window, softcap, num_decodes=n)
+    fp8 = to_fp8_cache(batch, 0.05, 0.02)
+    got = run_fp8(fp8, 0.125, "triton", window, softcap, num_decodes=3)
+    assert rel_err(got, run_fp8(fp8, 0.125, "reference", window, softcap)) <= TOL[dtype]
+
+
+def test_num_decodes_out_of_range_is_a_clear_error():
+    batch = make_batch(*DECODES_FIRST, 8, 2, 64, seed=42)
+    with pytest.raises(ValueError, match="num_decodes=8 must be in"):
+        run_attention(batch, 0.125, "triton", num_decodes=8)
+
+
 def test_triton_strided_q_and_empty_sequence():
     """q as a view into a fused projection; a sequence with no new tokens this step is skipped."""
     batch = make_batch([2, 0, 4], [10, 7, 20], 4, 2, 32, seed=9)
@@ -282,6 +305,27 @@ def test_triton_strided_q_and_empty_sequence():
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_decodes_first_in_their_own_launch(d, fp8):
+    """A mixed step as the scheduler orders it (decodes, then prompt chunks) with num_decodes: the decode
+    launch and the prompt launch together match the reference and the one-launch result."""
+    q_lens = [1] * 40 + [512, 300, 1, 77]
+    ctx = [600 + 13 * i for i in range(40)] + [512, 1400, 90, 2000]
+    batch = make_batch(q_lens, ctx, 32, 8, d, dtype=torch.bfloat16, device="cuda", seed=d + fp8)
+    if fp8:
+        batch = to_fp8_cache(batch, 0.05, 0.03)
+        split, one = (run_fp8(batch, d**-0.5, "triton", num_decodes=n) for n in (40, 0))
+        ref = run_fp8(batch, d**-0.5, "reference")
+    else:
+        split, one = (run_attention(batch, d**-0.5, "triton", num_decodes=n) for n in (40, 0))
+        ref = run_attention(batch, d**-0.5, "reference")
+    assert rel_err(split, ref) <= 1e-2 and rel_err(one, ref) <= 1e-2
+    assert rel_err(split, one) <= 1e-2
 
 
 @gpu

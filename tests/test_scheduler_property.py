@@ -15,8 +15,12 @@ from paged_backend.params import SamplingParams
 BLOCK = 4
 
 
-def _check(bm: BlockManager, sched: Scheduler, live: list[Sequence], out, budget: int, max_seqs: int) -> None:
+def _check(bm: BlockManager, sched: Scheduler, live: list[Sequence], out, budget: int, max_seqs: int,
+           was_running: set[int]) -> None:
     bm.check_invariants(live)
+    # the running sequences' decodes (one new token) lead the batch: the attention's decode launch takes them
+    ones = [seq.seq_id in was_running and num_new == 1 for seq, num_new in zip(out.seqs, out.num_new_tokens)]
+    assert ones == sorted(ones, reverse=True), "a running sequence's decode after a prompt chunk"
     assert out.num_tokens <= budget
     assert len(sched.running) <= max_seqs
     ids = [seq.seq_id for seq in out.seqs]
@@ -81,8 +85,9 @@ def test_random_workload_keeps_block_accounting_exact(arrivals, abort_p, num_blo
                     sched.finish(s)
             req.seqs[0].pending_forks = 0
             live = [s for s in live if not s.finished]
+        was_running = {seq.seq_id for seq in sched.running}
         out = sched.schedule()
-        _check(bm, sched, live, out, budget, max_seqs)
+        _check(bm, sched, live, out, budget, max_seqs, was_running)
         if sched.has_work():
             assert out.seqs, "work waiting but nothing scheduled"
         # what the engine does after the forward pass

@@ -35,6 +35,7 @@ def test_mixed_batch_arrays_and_pickling():
     assert step.positions.tolist() == [0, 1, 2, *range(7)]
     assert step.query_start_loc.tolist() == [0, 3, 10] and step.seq_lens.tolist() == [3, 7]
     assert step.logit_rows.tolist() == [2]  # only a completes its known tokens
+    assert step.num_decodes == 0  # no sequence at the front computes exactly one token
     assert step.block_tables.shape == (2, 16)
     bt = a.block_table
     assert step.slot_mapping[:3].tolist() == [bt[0] * 4, bt[0] * 4 + 1, bt[0] * 4 + 2]
@@ -51,3 +52,4 @@ def test_mixed_batch_arrays_and_pickling():
     nxt = build_step_input(sched.schedule(), bm.table_array, bm.block_size)
     assert nxt.pending_dst.tolist() == [0] and nxt.pending_src.tolist() == [0]
     assert nxt.positions.tolist() == [3, *range(7, 12)] and nxt.logit_rows.tolist() == [0, 5]
+    assert nxt.num_decodes == 1  # a's decode, then b's chunk

@@ -19,9 +19,11 @@ from paged_backend.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
-    """The step's sequences in schedule order and, index for index, how many new tokens each computes
-    and whether that completes its known tokens (then its next token is sampled). Parallel lists, not
-    one object per sequence: a step schedules hundreds and the host builds this every few milliseconds."""
+    """The step's sequences and, index for index, how many new tokens each computes and whether that
+    completes its known tokens (then its next token is sampled). Parallel lists, not one object per
+    sequence: a step schedules hundreds and the host builds this every few milliseconds. Order: the
+    running sequences with one new token (decodes) first, then the running prompts' next chunks, then
+    the sequences admitted this step."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
@@ -66,6 +68,9 @@ class Scheduler:
         bs, ref_counts = bm.block_size, bm.ref_counts
         running = self.running
 
+        # Running prompts' next chunks go after the one-token (decode) sequences, so the step's decodes
+        # are one run at the front of the batch, which the attention launches as a decode batch.
+        chunks: tuple[list[Sequence], list[int], list[bool]] = ([], [], [])
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -87,11 +92,15 @@ class Scheduler:
                         break
                 if seq.status is not SequenceStatus.RUNNING:  # it preempted itself: nothing after it runs
                     break
-            seqs.append(seq)
-            num_new_tokens.append(num_new)
-            completes.append(computed + num_new == total)
+            group = (seqs, num_new_tokens, completes) if num_new == 1 else chunks
+            group[0].append(seq)
+            group[1].append(num_new)
+            group[2].append(computed + num_new == total)
             budget -= num_new
             i += 1
+        seqs += chunks[0]
+        num_new_tokens += chunks[1]
+        completes += chunks[2]
 
         # Admit waiting sequences only in steps without preemption: memory is short otherwise.
         # A sequence still to fork holds slots for its siblings.

@@ -24,6 +24,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     plan: object | None = None  # kernels.plan_step of these tensors (CPU): the per-step index work, once
+    num_decodes: int = 0  # leading sequences with one new token (kernels.paged_attention); 0: not known
 
 
 class Attention(nn.Module):
@@ -74,5 +75,6 @@ class Attention(nn.Module):
             k_scale=self.k_scale,
             v_scale=self.v_scale,
             plan=meta.plan,
+            num_decodes=meta.num_decodes,
         )
         return out.view(t, self.num_heads * self.head_dim)

@@ -105,6 +105,7 @@ class ModelRunner:
             max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len,
             plan=kernels.plan_step(slots, tables, seq_lens, qsl, self.block_size),
+            num_decodes=step.num_decodes,
         )
         hidden = self.model(ids, positions, meta)
         if prof is not None:

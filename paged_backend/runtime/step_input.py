@@ -57,6 +57,14 @@ class StepInput:
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
 
+    @property
+    def num_decodes(self) -> int:
+        """How many sequences at the front of the batch compute exactly one new token (the scheduler
+        puts the decodes first): the attention runs them as a decode batch."""
+        if self.max_query_len == 1:
+            return self.num_seqs
+        return int(np.argmin(np.diff(self.query_start_loc) == 1))  # the first sequence with more
+
     def int32_arrays(self) -> list[np.ndarray]:
         """The arrays the runner copies to the device in one transfer, in a fixed order."""
         return [self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.query_start_loc,
