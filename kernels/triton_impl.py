@@ -179,10 +179,10 @@ def _attend_tile(
 
 # Integers that change from step to step are not specialised on (Triton would otherwise compile a variant
 # for each value that is 1 or a multiple of 16, on first use, in the middle of serving).
-@triton.jit(do_not_specialize=["num_seqs", "chunk_len", "window", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "first_seq", "chunk_len", "window", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, v_scale, softcap, window, num_seqs, chunk_len,
+    qk_scale, v_scale, softcap, window, num_seqs, first_seq, chunk_len,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
     stride_pt, stride_ph, stride_ps,
@@ -199,12 +199,14 @@ def _paged_attn_kernel(
         q_start = pid
         q_len = 1
         qb = 0
-    else:
-        pid += tl.load(qsl_ptr) // BLOCK_Q  # the rows may start inside q (a mixed batch's prompts)
-        b = _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q)
+    else:  # sequences first_seq.. (a mixed batch's prompts after its decodes, which another launch runs)
+        qsl_part = qsl_ptr + first_seq
+        pid += tl.load(qsl_part) // BLOCK_Q
+        rel = _find_seq(qsl_part, num_seqs - first_seq, pid, BLOCK_Q)
+        b = first_seq + rel
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
-        qb = pid - (q_start // BLOCK_Q + b)
+        qb = pid - (q_start // BLOCK_Q + rel)
     if qb * BLOCK_Q < q_len:
         seq_len = tl.load(seq_lens_ptr + b)
         first_pos = seq_len - q_len  # position of the sequence's first new token
@@ -403,12 +405,15 @@ def paged_attention(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len > 1 and 0 < num_decodes < num_seqs and num_splits is None and config is None:
-        # A mixed batch: its leading one-token sequences as a decode batch, then the prompts' rows.
+        # A mixed batch: its leading one-token sequences as a decode batch (unsplit: the decode kernel variant
+        # that start-up compiles, ModelRunner.warm_up), then the prompts. Slices share their tensors' first
+        # element, and the prompts' launch takes whole tensors and first_seq, so no launch meets a pointer
+        # alignment that Triton would compile another variant for in the middle of serving.
         n = num_decodes
         _attend(q[:n], kv_cache, block_tables[:n], seq_lens[:n], query_start_loc[: n + 1], scale, sliding_window,
-                softcap, dst[:n], 1, max_seq_len, k_scale, v_scale, None, None)
-        _attend(q, kv_cache, block_tables[n:], seq_lens[n:], query_start_loc[n:], scale, sliding_window, softcap,
-                dst, max_query_len, max_seq_len, k_scale, v_scale, 1, None, first_token=n)
+                softcap, dst[:n], 1, max_seq_len, k_scale, v_scale, 1, None)
+        _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, dst,
+                max_query_len, max_seq_len, k_scale, v_scale, 1, None, first_seq=n)
     else:
         _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, dst,
                 max_query_len, max_seq_len, k_scale, v_scale, num_splits, config)
@@ -418,12 +423,12 @@ def paged_attention(
 
 
 def _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, softcap, dst,
-            max_query_len, max_seq_len, k_scale, v_scale, num_splits, config, first_token=0):
-    """One launch over the sequences given, whose query rows are q[first_token:] (query_start_loc[0] ==
-    first_token: the rows keep their place in q and dst)."""
+            max_query_len, max_seq_len, k_scale, v_scale, num_splits, config, first_seq=0):
+    """One launch over sequences first_seq.. (first_seq > 0: those after a mixed batch's first_seq decodes,
+    one query row each)."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     t, hq, d = q.shape
-    t -= first_token
+    t -= first_seq
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
     num_seqs = seq_lens.shape[0]
@@ -446,13 +451,13 @@ def _attend(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding
                                         sliding_window, softcap, dst, num_splits, max_seq_len)
         return
     num_splits, chunk_len, part_out, part_lse, p_strides = split_plan(q, num_splits, max_seq_len, block_n)
-    direct = decode and t == num_seqs and not first_token  # one token per sequence: one program per sequence
-    # (programs are numbered from query_start_loc[0] // block_q: one more covers a first_token off the grid)
-    grid = (num_seqs if direct else t // block_q + num_seqs + (first_token > 0), hkv, num_splits)
+    direct = decode and t == num_seqs  # one token per sequence: one program per sequence
+    # (programs count from query_start_loc[first_seq] // block_q: one more when that is not a whole tile)
+    grid = (num_seqs if direct else t // block_q + num_seqs - first_seq + (first_seq > 0), hkv, num_splits)
     _paged_attn_kernel[grid](
         q, kv_cache, dst, block_tables, seq_lens, query_start_loc, part_out, part_lse,
         scale * k_scale * LOG2E, float(v_scale), float(softcap or 0.0), int(sliding_window or 0), num_seqs,
-        chunk_len, q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
+        first_seq, chunk_len, q.stride(0), q.stride(1), dst.stride(0), dst.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *p_strides,
         G=g, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,

@@ -50,14 +50,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
-        """Run prompt steps of 2, 4, ..., 128 tokens (up to max_tokens) once, on the bound cache, storing
-        nothing: the attention kernel's launch configuration follows a step's longest query, and Triton
-        compiles each configuration on first use (seconds on a fresh machine), which would otherwise
-        stall every request of the first serving step that needs it. Every rank runs the same steps."""
+        """Run prompt steps of 2, 4, ..., 128 tokens (up to max_tokens) once, then a decode and a prompt in
+        one step, on the bound cache, storing nothing: the attention kernel's launch configuration follows
+        a step's longest query, a mixed step runs its decodes in a launch of their own, and Triton compiles
+        each configuration on first use (seconds on a fresh machine), which would otherwise stall every
+        request of the first serving step that needs it. Every rank runs the same steps."""
         t0 = time.perf_counter()
         lens = [n for n in (2, 4, 8, 16, 32, 64, 128) if n <= max_tokens]
         for n in lens:
-            self._one_prompt(torch.zeros(n, dtype=torch.int64, device=self.device), store=False)
+            self._dry_step([n], [n], store=False)
+        if max_tokens > 2:
+            self._dry_step([1, 2], [2, 2], store=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warmed up prompt steps of %s tokens in %.1f s", "/".join(map(str, lens)), time.perf_counter() - t0)
@@ -175,25 +178,27 @@ class ModelRunner:
         """One forward pass over num_tokens prompt tokens (peak activation memory), on a throwaway
         cache just large enough for them."""
         self.bind_kv_caches(spec.allocate(-(-num_tokens // self.block_size), self.device))
-        hidden = self._one_prompt(torch.randint(0, 100, (num_tokens,), device=self.device), store=True)
+        hidden = self._dry_step([num_tokens], [num_tokens], store=True)
         self.model.compute_logits(hidden[-1:])
         self.release()
 
-    def _one_prompt(self, ids: torch.Tensor, store: bool) -> torch.Tensor:
-        """One forward pass over a lone prompt of ids (positions 0..n-1) from cache blocks 0, 1, ...:
-        stored there (store) or read only (slots -1)."""
-        n = ids.shape[0]
-        i32 = dict(dtype=torch.int32, device=self.device)
-        positions = torch.arange(n, device=self.device)
+    def _dry_step(self, q_lens: list[int], ctx: list[int], store: bool) -> torch.Tensor:
+        """One forward pass over sequences with q_lens new tokens (the last at position ctx - 1) and token
+        id 0 everywhere, each reading cache blocks 0, 1, ...: their K/V stored there (store, one sequence)
+        or read only (slots -1)."""
+        dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(c - q, c, device=dev) for q, c in zip(q_lens, ctx)])
+        table = torch.arange(-(-max(ctx) // self.block_size), **i32)
         meta = AttentionMetadata(
-            slot_mapping=positions if store else torch.full((n,), -1, dtype=torch.int64, device=self.device),
-            block_tables=torch.arange(-(-n // self.block_size), **i32)[None],
-            seq_lens=torch.tensor([n], **i32),
-            query_start_loc=torch.tensor([0, n], **i32),
-            max_query_len=n,
-            max_seq_len=n,
+            slot_mapping=positions if store else torch.full_like(positions, -1),
+            block_tables=table.repeat(len(ctx), 1),
+            seq_lens=torch.tensor(ctx, **i32),
+            query_start_loc=torch.tensor([0, *q_lens], **i32).cumsum(0, dtype=torch.int32),
+            max_query_len=max(q_lens),
+            max_seq_len=max(ctx),
+            num_decodes=next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens)),
         )
-        return self.model(ids, positions, meta)
+        return self.model(torch.zeros(positions.shape[0], dtype=torch.int64, device=dev), positions, meta)
 
     def release(self) -> None:
         """Drop the KV cache, graphs and sampler state (shutdown or after profiling)."""
