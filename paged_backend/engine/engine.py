@@ -115,6 +115,8 @@ class Engine:
             ids = list(prompt)
             if not ids:
                 raise ValueError("prompt is empty: give at least one character or token id")
+            if set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < self.vocab_size:
+                return None, ids  # (the common case, checked in C: the loop below costs ~0.3 us a token)
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}); got {bad[:5]}")
