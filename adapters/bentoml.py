@@ -190,7 +190,7 @@ def make_service(name: str = "PagedLLMService", *, engine_args: Optional[dict[st
         ) -> AsyncGenerator[str, None]:
             """Streams the completion of `prompt` as text."""
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    stop=stop, seed=seed)
+                                    stop=stop, seed=seed, output_kind="delta")
             async for out in self.llm.generate(prompt, params):
                 if out.finished:
                     self.serving.metrics.observe(out)

@@ -168,6 +168,7 @@ class OpenAIServing:
         model = self.model_name(req.model)
         calling = req.tool_calling(getattr(self.tokenizer, "chat_template", None))
         params = req.to_sampling_params(calling)
+        params.output_kind = "delta" if req.stream else "final_only"  # (no per-step copies of the output so far)
         messages = [m.as_template_message() for m in req.messages]
         template_tools = None
         if calling is not None:
@@ -204,6 +205,7 @@ class OpenAIServing:
         req: CompletionRequest = parse_request(CompletionRequest, await _json(request))
         model = self.model_name(req.model)
         params = req.to_sampling_params()
+        params.output_kind = "delta" if req.stream else "final_only"
         prompts = req.prompts()
         if len(prompts) > self.limits.max_prompts_per_request:
             raise APIError(f"{len(prompts)} prompts in one request; at most {self.limits.max_prompts_per_request} "
@@ -317,6 +319,7 @@ class OpenAIServing:
 
         done: set[int] = set()
         last: Optional[RequestOutput] = None
+        completion_tokens = 0  # (the outputs carry deltas: params.output_kind)
         try:
             for i in range(params.n):
                 yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
@@ -324,6 +327,7 @@ class OpenAIServing:
                 last = out
                 choices = []
                 for c in out.outputs:
+                    completion_tokens += len(c.token_ids_delta)
                     if c.index in done or not (c.text_delta or c.finished or (k is not None and c.token_ids_delta)):
                         continue
                     lps = None
@@ -341,8 +345,7 @@ class OpenAIServing:
                 if choices:
                     yield chunk(choices)
             if include_usage and last is not None:
-                usage = UsageInfo.of(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs))
-                yield chunk([], usage)
+                yield chunk([], UsageInfo.of(len(last.prompt_token_ids), completion_tokens))
         except Exception as e:  # headers are sent: report in the stream, as OpenAI does
             yield sse(_internal_error(e).body())
         yield sse("[DONE]")
@@ -363,10 +366,12 @@ class OpenAIServing:
                 yield chunk([CompletionChoice(index=p * n + i, text=heads[p]) for p in range(len(prompts))
                              for i in range(n)])
                 offsets = {p * n + i: len(heads[p]) for p in range(len(prompts)) for i in range(n)}
+            completion_tokens = 0  # (the outputs carry deltas: params.output_kind)
             async for p, out in merged(streams):
                 finals[p] = out
                 choices = []
                 for c in out.outputs:
+                    completion_tokens += len(c.token_ids_delta)
                     idx = p * n + c.index
                     if idx in done or not (c.text_delta or c.finished or (req.logprobs is not None and c.token_ids_delta)):
                         continue
@@ -383,8 +388,7 @@ class OpenAIServing:
                 if choices:
                     yield chunk(choices)
             if include_usage:
-                usage = UsageInfo.of(sum(len(o.prompt_token_ids) for o in finals),
-                                     sum(len(c.token_ids) for o in finals for c in o.outputs))
+                usage = UsageInfo.of(sum(len(o.prompt_token_ids) for o in finals), completion_tokens)
                 yield chunk([], usage)
         except Exception as e:
             yield sse(_internal_error(e).body())

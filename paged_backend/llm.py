@@ -115,7 +115,9 @@ class LLM:
     def _run(self, prompts: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
         """prompts: (text or None, token ids) of each request."""
         engine = self.engine
-        params = per_prompt_params(sampling_params, len(prompts))
+        # one complete output per request, whatever output_kind says (as vLLM's LLM.generate)
+        params = [p.model_copy(update={"output_kind": "final_only"}) if p.output_kind == "delta" else p
+                  for p in per_prompt_params(sampling_params, len(prompts))]
         ids: list[str] = []
         try:
             for (text, p), sp in zip(prompts, params):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,6 +42,13 @@ class SamplingParams(BaseModel):
     )
     allowed_token_ids: Optional[list[int]] = Field(
         None, description="sample only from these token ids (vLLM's allowed_token_ids)"
+    )
+    output_kind: Literal["cumulative", "delta", "final_only"] = Field(
+        "cumulative",
+        description="what each streamed output of the request carries (vLLM's RequestOutputKind): cumulative, "
+        "the text, token_ids and logprobs so far (and their deltas); delta, only what is new since the previous "
+        "output, in text / token_ids / logprobs and in the delta fields (a stream of many long completions then "
+        "costs the engine no copy of what came before); final_only, one output when the request ends",
     )
     structured_outputs: Optional[StructuredOutputs] = Field(
         None,

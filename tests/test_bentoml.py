@@ -91,6 +91,15 @@ def test_completions_prompt_forms_echo_logprobs_and_stream(tiny):
         assert tok_lp <= 0 and len(top) == 2
         assert tok_lp == pytest.approx(max(top.values())), "greedy: the sampled token is the most likely one"
 
+    # streamed (the engine hands the route only each step's new tokens): the same logprobs, offsets and usage
+    parts = list(client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2,
+                                           stream=True, stream_options={"include_usage": True}))
+    got = [c.choices[0].logprobs for c in parts if c.choices and c.choices[0].logprobs]
+    assert [t for g in got for t in g.tokens] == lp.tokens
+    assert [x for g in got for x in g.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [x for g in got for x in g.text_offset] == lp.text_offset
+    assert parts[-1].usage.model_dump() == by_ids.usage.model_dump()
+
 
 def test_n2_chat_and_seeded_stream_reproduces_it(tiny):
     client = tiny.client()
@@ -99,10 +108,12 @@ def test_n2_chat_and_seeded_stream_reproduces_it(tiny):
     assert sorted(c.index for c in full.choices) == [0, 1]
     assert 2 <= full.usage.completion_tokens <= 16
     texts = {c.index: "" for c in full.choices}
-    for chunk in client.chat.completions.create(**kw, stream=True):
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
         for c in chunk.choices:
             texts[c.index] += c.delta.content or ""
     assert texts == {c.index: c.message.content for c in full.choices}, "same seed, same samples"
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
 
 
 def test_bad_requests_get_400_while_a_good_request_completes(tiny):

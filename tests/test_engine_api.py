@@ -160,6 +160,33 @@ def test_text_is_the_same_decoded_lazily_per_step_or_streamed(llm):
             assert lazy.text == by_length.outputs[0].text, (trial, extra)
 
 
+@pytest.mark.parametrize("n,stop", [(1, None), (2, ["\x00never\x00"])])
+def test_output_kinds_delta_and_final_only(llm, n, stop):
+    """delta: each streamed output carries only what is new (text, token_ids, logprobs), and the pieces add
+    up to the complete output; final_only: one output, when the request ends; LLM.generate returns complete
+    outputs whatever output_kind says (as vLLM's LLM does)."""
+    prompt = _ids(9, 77)
+    base = SamplingParams(temperature=1.0, seed=5, n=n, max_tokens=24, ignore_eos=True, logprobs=2, stop=stop)
+    want = llm.generate([prompt], base, use_tqdm=False)[0].outputs
+    streamed = list(llm.generate_stream(prompt, base.model_copy(update={"output_kind": "delta"})))
+    assert streamed[-1].finished and len(streamed) > 2
+    for c in want:
+        pieces = [p for o in streamed for p in o.outputs if p.index == c.index]
+        assert all(p.token_ids == p.token_ids_delta and p.text == p.text_delta for p in pieces)
+        assert [t for p in pieces for t in p.token_ids] == c.token_ids
+        assert "".join(p.text for p in pieces) == c.text
+        assert [lp for p in pieces for lp in p.logprobs] == c.logprobs
+        assert pieces[-1].cumulative_logprob == pytest.approx(c.cumulative_logprob)
+    once = list(llm.generate_stream(prompt, base.model_copy(update={"output_kind": "final_only"})))
+    assert len(once) == 1 and once[0].finished
+    assert [(c.token_ids, c.text, c.logprobs) for c in once[0].outputs] == [(c.token_ids, c.text, c.logprobs) for c in want]
+    for kind in ("delta", "final_only"):
+        again = llm.generate([prompt], base.model_copy(update={"output_kind": kind}), use_tqdm=False)[0].outputs
+        assert [(c.token_ids, c.text) for c in again] == [(c.token_ids, c.text) for c in want]
+    with pytest.raises(ValidationError, match="output_kind"):
+        SamplingParams(output_kind="deltas")
+
+
 def test_outputs_are_what_model_construct_and_validation_give(llm):
     """The engine builds its outputs with outputs.trusted (no validation, no per-field loop): every field is
     set, they equal pydantic's own model_construct of the same values, and they validate unchanged."""

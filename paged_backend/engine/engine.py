@@ -334,7 +334,7 @@ class Engine:
                 req.metrics.finished_time = time.time()
                 self.requests.pop(req.request_id, None)
                 outputs.append(self._make_output(req, finished=True))
-            elif emit_unfinished:
+            elif emit_unfinished and req.params.output_kind != "final_only":
                 outputs.append(self._make_output(req, finished=False))
         return outputs
 
@@ -424,17 +424,24 @@ class Engine:
         # trusted: the engine's own, already valid data; validation would cost more than the rest of the
         # step at hundreds of requests.
         outputs = []
-        for seq in sorted(req.seqs, key=lambda s: s.index):
+        delta = req.params.output_kind == "delta"
+        want_logprobs = req.params.logprobs is not None
+        for seq in sorted(req.seqs, key=lambda s: s.index) if len(req.seqs) > 1 else req.seqs:
             delta_text, delta_ids = self.detokenizer.take_delta(seq)
-            out_ids = seq.output_token_ids
+            if delta:  # only what is new: no copy of the output so far
+                text, out_ids = delta_text, delta_ids
+                logprobs = seq.logprobs[len(seq.logprobs) - len(delta_ids):] if want_logprobs else None
+            else:
+                text, out_ids = seq.text, seq.output_token_ids
+                logprobs = list(seq.logprobs) if want_logprobs else None
             outputs.append(
                 trusted(
                     CompletionOutput,
                     index=seq.index,
-                    text=seq.text,
+                    text=text,
                     token_ids=out_ids,
-                    cumulative_logprob=seq.cumulative_logprob if out_ids else None,
-                    logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
+                    cumulative_logprob=seq.cumulative_logprob if seq.num_output_tokens else None,
+                    logprobs=logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     text_delta=delta_text,
