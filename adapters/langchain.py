@@ -266,6 +266,8 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
         params = self._sampling_params(stop, kwargs)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         report = self.streaming and run_manager is not None and params.n == 1
+        if not report:
+            params.output_kind = "final_only"  # only the finished outputs are read
         outputs = self._engine().generate_many_sync(prompts, params, max_prompts=self.max_prompts_per_call)
         with contextlib.closing(outputs):  # an error here aborts the requests at once
             for i, out in outputs:
@@ -282,6 +284,8 @@ class PagedBackendLLM(_PagedBackendBase, BaseLLM):
         params = self._sampling_params(stop, kwargs)
         finals: list[Optional[RequestOutput]] = [None] * len(prompts)
         report = self.streaming and run_manager is not None and params.n == 1
+        if not report:
+            params.output_kind = "final_only"  # only the finished outputs are read
         outputs = self._engine().generate_many(prompts, params, max_prompts=self.max_prompts_per_call)
         async with contextlib.aclosing(outputs):
             async for i, out in outputs:
@@ -421,6 +425,8 @@ class ChatPagedBackend(ToolCallingChatMixin, _PagedBackendBase, BaseChatModel):
         """(chat arguments, the call's ToolCalling or None: tools bound with bind_tools)."""
         calling = tool_calling_from(kwargs, self._engine().get_tokenizer().chat_template)
         params = self._sampling_params(stop, kwargs, streaming)
+        if not streaming:
+            params.output_kind = "final_only"  # only the last output is read: the engine builds no others
         conversation, tools = to_chat_messages(messages), None
         if calling is not None:
             conversation, tools = calling.prepare(conversation)
