@@ -37,7 +37,7 @@ from .openai_protocol import (
     DetokenizeResponse, LogprobFormatter, ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
     TokenizeResponse, UsageInfo, new_id, parse_request,
 )
-from .sse import EventStream, Stream, close_all, merged, sse, unless_disconnected
+from .sse import EventStream, Joined, Stream, close_all, merged, sse, unless_disconnected
 
 logger = logging.getLogger("paged_backend.adapters")
 
@@ -168,7 +168,7 @@ class OpenAIServing:
         model = self.model_name(req.model)
         calling = req.tool_calling(getattr(self.tokenizer, "chat_template", None))
         params = req.to_sampling_params(calling)
-        params.output_kind = "delta" if req.stream else "final_only"  # (no per-step copies of the output so far)
+        params.output_kind = "delta"  # (no per-step copies of the output so far; _collect joins them)
         messages = [m.as_template_message() for m in req.messages]
         template_tools = None
         if calling is not None:
@@ -205,7 +205,7 @@ class OpenAIServing:
         req: CompletionRequest = parse_request(CompletionRequest, await _json(request))
         model = self.model_name(req.model)
         params = req.to_sampling_params()
-        params.output_kind = "delta" if req.stream else "final_only"
+        params.output_kind = "delta"
         prompts = req.prompts()
         if len(prompts) > self.limits.max_prompts_per_request:
             raise APIError(f"{len(prompts)} prompts in one request; at most {self.limits.max_prompts_per_request} "
@@ -282,11 +282,12 @@ class OpenAIServing:
 
     # ---- generation ---------------------------------------------------------------------------
     async def _collect(self, gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        """Each request's complete output, joined from its delta outputs (params.output_kind)."""
         streams = await self._start(gens)
-        finals: list[Optional[RequestOutput]] = [first for first, _ in streams]
+        joined = [Joined() for _ in streams]
         async for k, out in merged(streams):
-            finals[k] = out
-        return finals  # type: ignore[return-value]
+            joined[k].add(out)
+        return [j.output() for j in joined]
 
     async def _until(self, deadline: Optional[float], work, gens: list) -> Any:
         """`work` (which owns `gens`), cancelled at the deadline. When it fails, times out or the

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable, Union
+from typing import Any, AsyncIterator, Awaitable, Optional, Union
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -74,6 +74,30 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutpu
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await close_all([rest for _, rest in streams])
+
+
+class Joined:
+    """One request's complete output from its outputs of output_kind="delta" (each holds only what is
+    new), added in order: the text, token ids and logprobs joined, the rest as the last output says."""
+
+    def __init__(self) -> None:
+        self.last: Optional[RequestOutput] = None
+        self._text: dict[int, list[str]] = {}
+        self._ids: dict[int, list[int]] = {}
+        self._logprobs: dict[int, list] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        for c in out.outputs:
+            self._text.setdefault(c.index, []).append(c.text)
+            self._ids.setdefault(c.index, []).extend(c.token_ids)
+            self._logprobs.setdefault(c.index, []).extend(c.logprobs or [])
+        self.last = out
+
+    def output(self) -> RequestOutput:
+        outs = [c.model_copy(update={"text": "".join(self._text[c.index]), "token_ids": self._ids[c.index],
+                                     "logprobs": None if c.logprobs is None else self._logprobs[c.index]})
+                for c in self.last.outputs]
+        return self.last.model_copy(update={"outputs": outs})
 
 
 async def close_all(gens) -> None:

@@ -268,6 +268,31 @@ def test_waiting_bound_gives_429_with_retry_after(guarded):
     assert out.usage.completion_tokens == 2, "the queue is free again"
 
 
+def test_running_requests_do_not_count_as_waiting(guarded):
+    """Non-streamed requests leave the queue when they start generating, as streamed ones do: with both
+    sequences running, two more requests are admitted (max_waiting_requests=2) and all four complete."""
+    long = dict(model=guarded.model_dir.name, prompt="Once upon a time", max_tokens=480,
+                extra_body={"ignore_eos": True})
+
+    async def main():
+        client = guarded.async_client()
+        before = guarded.stats()["total_generated_tokens"]
+        running = [asyncio.ensure_future(client.completions.create(**long)) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while guarded.stats()["num_running"] < 2 or guarded.stats()["total_generated_tokens"] < before + 8:
+            assert time.monotonic() < deadline, guarded.stats()
+            await asyncio.sleep(0.01)
+        more = [asyncio.ensure_future(client.completions.create(**dict(long, max_tokens=4))) for _ in range(2)]
+        outs = await asyncio.gather(*running, *more)
+        await client.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert [o.usage.completion_tokens for o in outs] == [480, 480, 4, 4]
+    assert all(len(o.choices[0].text) > 0 for o in outs)
+    wait_idle(guarded)
+
+
 def test_request_timeout_aborts_and_frees(hurried):
     before = hurried.stats()["total_generated_tokens"]
     body = {"prompt": "Once upon a time", "max_tokens": 480, "n": 2, "ignore_eos": True}
