@@ -332,9 +332,8 @@ class OpenAIServing:
                     if c.index in done or not (c.text_delta or c.finished or (k is not None and c.token_ids_delta)):
                         continue
                     lps = None
-                    if k is not None:
-                        lo = len(c.token_ids) - len(c.token_ids_delta)
-                        lps = self.fmt.chat(c.token_ids_delta, (c.logprobs or [])[lo:len(c.token_ids)], k)
+                    if k is not None:  # (delta outputs: token_ids and logprobs are this output's own)
+                        lps = self.fmt.chat(c.token_ids, c.logprobs or [], k)
                     d = deltas[c.index]
                     delta = d.feed(c.text_delta, c.finished)
                     if not delta and not c.finished and lps is None:
@@ -377,10 +376,8 @@ class OpenAIServing:
                     if idx in done or not (c.text_delta or c.finished or (req.logprobs is not None and c.token_ids_delta)):
                         continue
                     lps = None
-                    if req.logprobs is not None:
-                        lo = len(c.token_ids) - len(c.token_ids_delta)
-                        lps = self.fmt.completion(c.token_ids_delta, (c.logprobs or [])[lo:len(c.token_ids)],
-                                                  req.logprobs, offsets.get(idx, 0))
+                    if req.logprobs is not None:  # (delta outputs: token_ids and logprobs are this output's own)
+                        lps = self.fmt.completion(c.token_ids, c.logprobs or [], req.logprobs, offsets.get(idx, 0))
                     offsets[idx] = offsets.get(idx, 0) + len(c.text_delta)
                     choices.append(CompletionChoice(index=idx, text=c.text_delta, logprobs=lps,
                                                     finish_reason=c.finish_reason))
